@@ -1,0 +1,160 @@
+"""Slide reads on synthetic pyramidal TIFFs whose pixels are known exactly."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from wsiproto.errors import WsiprotoError
+from wsiproto.slide import Slide, detect_tissue
+from wsiproto.slide.synthetic import blob_layout, write_pyramidal_tiff
+
+from conftest import SYNTH_H, SYNTH_MPP, SYNTH_W
+
+BACKENDS = ("openslide", "tiffslide")
+
+
+def box_down(img: np.ndarray, k: int) -> np.ndarray:
+    h, w = img.shape[0] // k, img.shape[1] // k
+    return img[: h * k, : w * k].reshape(h, k, w, k, 3).astype(np.float64).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_geometry_and_metadata(synthetic_svs, backend):
+    path, _ = synthetic_svs
+    with Slide(path, backend=backend) as s:
+        assert s.backend == backend
+        assert s.dimensions == (SYNTH_W, SYNTH_H)
+        assert s.size == (SYNTH_W, SYNTH_H)
+        assert s.level_count == 3
+        assert s.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+        assert s.mpp == pytest.approx(SYNTH_MPP)
+        assert s.mpp_source == "vendor"
+        assert s.objective_power == pytest.approx(20.0)
+        assert s.vendor == "aperio"
+        assert "thumbnail" in s.associated_image_names
+        assert s.associated_image("thumbnail").ndim == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_region_level0_matches_written_pixels(synthetic_svs, backend):
+    path, render = synthetic_svs
+    with Slide(path, backend=backend) as s:
+        got = s.read_region((1000, 1200), (512, 384))
+        assert got.shape == (384, 512, 3) and got.dtype == np.uint8
+        err = np.abs(got.astype(int) - render(1000, 1200, 512, 384).astype(int))
+        assert err.mean() < 1.5 and err.max() <= 16  # JPEG q90 on a smooth texture
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_region_at_non_native_mpp(synthetic_svs, backend):
+    """mpp 1.5 = downsample 3: read from level 1 (x2) and resampled by 1.5."""
+    path, render = synthetic_svs
+    with Slide(path, backend=backend) as s:
+        assert s.best_level(3.0) == 1
+        got = s.read_region((999, 1201), (300, 200), mpp=1.5)
+        assert got.shape == (200, 300, 3)
+        ref = box_down(render(999, 1201, 900, 600), 3)
+        err = np.abs(got - ref)
+        assert err.mean() < 2.0
+        # Same region by downsample instead of mpp.
+        same = s.read_region((999, 1201), (300, 200), downsample=3.0)
+        np.testing.assert_array_equal(same, got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outside_the_slide_is_one_fill_value(synthetic_svs, backend):
+    path, _ = synthetic_svs
+    with Slide(path, backend=backend, fill=(10, 20, 30)) as s:
+        got = s.read_region((-64, SYNTH_H - 32), (128, 64), mpp=SYNTH_MPP * 2)
+        # Left half is outside the slide (x < 0); the bottom part is below the slide.
+        assert (got[:, :32] == (10, 20, 30)).all()
+        assert (got[16:, :] == (10, 20, 30)).all()
+        assert (got[:16, 32:] != (10, 20, 30)).any(axis=-1).all()
+        far = s.read_region((SYNTH_W + 10, 0), (16, 16))
+        assert (far == (10, 20, 30)).all()
+
+
+def test_backends_agree(synthetic_svs):
+    path, _ = synthetic_svs
+    with Slide(path, backend="openslide") as a, Slide(path, backend="tiffslide") as b:
+        for mpp in (None, 1.0, 2.0):
+            ra = a.read_region((1500, 700), (256, 256), mpp=mpp)
+            rb = b.read_region((1500, 700), (256, 256), mpp=mpp)
+            assert np.abs(ra.astype(int) - rb.astype(int)).mean() < 1.0
+
+
+def test_pickle_reopens_by_path(synthetic_svs):
+    path, _ = synthetic_svs
+    with Slide(path, backend="tiffslide") as s:
+        region = s.read_region((100, 100), (64, 64))
+        clone = pickle.loads(pickle.dumps(s))
+    assert clone.backend == "tiffslide" and clone.path == s.path
+    np.testing.assert_array_equal(clone.read_region((100, 100), (64, 64)), region)
+    clone.close()
+
+
+def test_tissue_detection_matches_layout_and_ignores_pen(synthetic_svs):
+    path, render = synthetic_svs
+    with Slide(path) as s:
+        tm = detect_tissue(s)
+    h, w = tm.mask.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    truth = render.truth((xx + 0.5) * tm.downsample, (yy + 0.5) * tm.downsample)
+    iou = (tm.mask & truth).sum() / (tm.mask | truth).sum()
+    assert iou > 0.95, iou
+    # The green pen stroke on the glass (x 60-95 %, y 82-88 %) is not tissue.
+    pen = tm.mask[int(0.83 * h) : int(0.87 * h), int(0.8 * w) : int(0.94 * w)]
+    assert pen.size and not pen.any()
+    assert tm.mpp == pytest.approx(8.0, rel=0.1)
+    assert tm.region_has_tissue(0.3 * SYNTH_W, 0.4 * SYNTH_H, 10, 10)
+    assert not tm.region_has_tissue(0.02 * SYNTH_W, 0.02 * SYNTH_H, 50, 50)
+
+
+def test_mpp_from_tiff_resolution_or_user(tmp_path):
+    render = blob_layout(1024, 768)
+    generic = write_pyramidal_tiff(tmp_path / "generic.tif", 1024, 768, render, mpp=0.25,
+                                   levels=2, aperio=False)
+    with Slide(generic, backend="tiffslide") as s:
+        assert s.mpp == pytest.approx(0.25)
+        assert s.mpp_source in ("vendor", "tiff-resolution")
+    none = write_pyramidal_tiff(tmp_path / "nompp.svs", 1024, 768, render, mpp=None, levels=2)
+    with Slide(none) as s:
+        assert s.mpp is None and s.mpp_source is None
+        with pytest.raises(WsiprotoError, match="--mpp"):
+            s.require_mpp()
+    with Slide(none, mpp=0.5) as s:
+        assert s.mpp == 0.5 and s.mpp_source == "user"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_tile_is_reported_with_coordinates_and_handle_recovers(synthetic_svs, tmp_path,
+                                                                       backend):
+    import shutil
+
+    import tifffile
+
+    path, _ = synthetic_svs
+    bad = tmp_path / "corrupt.svs"
+    shutil.copy(path, bad)
+    with tifffile.TiffFile(bad) as tf:
+        page = tf.pages[0]
+        offset, count = page.dataoffsets[5], page.databytecounts[5]  # tile (5, 0)
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + 20)
+        fh.write(b"\x00\xff" * ((count - 40) // 2))
+    with Slide(bad, backend=backend) as s:
+        with pytest.raises(WsiprotoError, match=r"x=1280 y=0 .*level=0"):
+            s.read_region((5 * 256, 0), (256, 256))
+        # The handle was reopened: a good region reads fine afterwards (OpenSlide latches).
+        assert s.read_region((0, 0), (256, 256)).mean() > 200
+
+
+def test_reads_are_writeable_arrays(synthetic_svs):
+    path, _ = synthetic_svs
+    with Slide(path) as s:
+        for kwargs in ({}, {"mpp": 1.3}):
+            region = s.read_region((10, 10), (32, 32), **kwargs)
+            region[0, 0] = 0  # callers may normalise or draw in place
