@@ -1,0 +1,88 @@
+"""Run reports: the overlay image (thumbnail + class map + legend) and JSON written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to ``path.part`` and rename it into place (never a half-written file)."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+    return path
+
+
+def colorize(labels: np.ndarray, colors: dict[int, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """RGB image of a label map and the mask of labelled (non-zero, coloured) pixels."""
+    lut = np.zeros((256, 3), np.uint8)
+    has = np.zeros(256, bool)
+    for value, rgb in colors.items():
+        lut[value] = rgb
+        has[value] = True
+    return lut[labels], has[labels]
+
+
+def overlay_image(
+    thumbnail: np.ndarray,
+    labels: np.ndarray,
+    classes: list[tuple[int, str, tuple[int, int, int]]],
+    *,
+    alpha: float = 0.45,
+    title: str | None = None,
+    areas: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Blend the class map over the thumbnail (same size) and add a legend panel on the right.
+
+    ``classes``: (label value, name, rgb); ``areas``: optional percentages per class name shown
+    in the legend.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = labels.shape
+    if thumbnail.shape[:2] != (h, w):
+        thumbnail = np.asarray(Image.fromarray(thumbnail).resize((w, h), Image.Resampling.BOX))
+    color, mask = colorize(labels, {v: rgb for v, _, rgb in classes})
+    blended = thumbnail.astype(np.float32)
+    blended[mask] = (1 - alpha) * blended[mask] + alpha * color[mask]
+    base = Image.fromarray(blended.round().astype(np.uint8))
+
+    font = ImageFont.load_default()
+    lines = [(rgb, name + (f"  {areas[name]:.1f}%" if areas and name in areas else ""))
+             for _, name, rgb in classes]
+    row = 18
+    text_w = max([int(font.getlength(t)) for _, t in lines] + [int(font.getlength(title or ""))])
+    panel_w = text_w + 40
+    panel_h = max(h, row * (len(lines) + 2))
+    canvas = Image.new("RGB", (w + panel_w, panel_h), (255, 255, 255))
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = 8
+    if title:
+        draw.text((w + 10, y), title, fill=(0, 0, 0), font=font)
+        y += row
+    for rgb, text in lines:
+        draw.rectangle([w + 10, y + 2, w + 22, y + 14], fill=tuple(rgb), outline=(0, 0, 0))
+        draw.text((w + 28, y + 2), text, fill=(0, 0, 0), font=font)
+        y += row
+    return np.asarray(canvas)
+
+
+def save_png_atomic(path: str | Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    Image.fromarray(rgb).save(part, format="PNG", optimize=True)
+    os.replace(part, path)
+    return path
