@@ -86,7 +86,7 @@ def tissue_mask_from_rgb(
     rgb: np.ndarray,
     mpp: float | None = None,
     *,
-    min_object_um2: float = 20_000.0,
+    min_object_um2: float = 5_000.0,
     max_hole_um2: float = 20_000.0,
     exclude_pen: bool = True,
 ) -> np.ndarray:
@@ -135,7 +135,7 @@ def detect_tissue(
     *,
     mpp: float = 8.0,
     max_size: int = 2048,
-    min_object_um2: float = 20_000.0,
+    min_object_um2: float = 5_000.0,
     exclude_pen: bool = True,
 ) -> TissueMask:
     """Tissue mask of ``slide`` from a thumbnail at ``mpp`` um/px (or ``max_size`` px long

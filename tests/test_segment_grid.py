@@ -1,0 +1,98 @@
+"""Chunk grid, global tile grid, blending weights and the batch runner."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from wsiproto.segment.grid import ChunkGrid, blend_window
+from wsiproto.segment.infer import BatchRunner, blend_tiles
+
+
+@pytest.mark.parametrize("h,w,chunk,tile,overlap", [
+    (1000, 1300, 512, 128, 32), (513, 511, 512, 224, 56), (100, 90, 512, 224, 0),
+    (4096, 2048, 1024, 224, 32),
+])
+def test_tiles_cover_every_pixel_and_chunks_agree(h, w, chunk, tile, overlap):
+    grid = ChunkGrid(h, w, chunk, tile, overlap)
+    cover = np.zeros((h, w), np.int32)
+    every = set()
+    for c in grid.chunks():
+        pos = grid.tiles_for(c)
+        every.update(pos)
+        local = np.zeros((c.height, c.width), np.int32)
+        for ty, tx in pos:
+            y0, x0 = max(ty - c.y0, 0), max(tx - c.x0, 0)
+            y1, x1 = min(ty + tile - c.y0, c.height), min(tx + tile - c.x0, c.width)
+            assert y1 > y0 and x1 > x0, "a listed tile must meet its chunk"
+            local[y0:y1, x0:x1] += 1
+        cover[c.y0 : c.y0 + c.height, c.x0 : c.x0 + c.width] = local
+    assert cover.min() >= 1
+    # The chunks' tiles are exactly the global grid: same positions whatever the chunking.
+    assert len(every) == grid.total_tiles()
+    whole = ChunkGrid(h, w, max(h, w) + chunk, tile, overlap)
+    assert set(whole.tiles_for(next(whole.chunks()))) == every
+
+
+def test_blend_window_and_blending_is_chunk_independent():
+    win = blend_window(64, 16)
+    assert win.min() > 0 and win.max() == 1.0 and np.allclose(win, win.T)
+    grid = ChunkGrid(300, 300, 128, 64, 16)
+    rng = np.random.default_rng(0)
+    all_pos = sorted({p for c in grid.chunks() for p in grid.tiles_for(c)})
+    scores = {p: rng.random((3, 64, 64), dtype=np.float32) for p in all_pos}
+    acc_all, w_all = blend_tiles(np.stack([scores[p] for p in all_pos]), all_pos, (0, 0),
+                                 (300, 300), 16)
+    for c in grid.chunks():
+        pos = grid.tiles_for(c)
+        acc, w = blend_tiles(np.stack([scores[p] for p in pos]), pos, (c.y0, c.x0),
+                             (c.height, c.width), 16)
+        sl = (slice(c.y0, c.y0 + c.height), slice(c.x0, c.x0 + c.width))
+        np.testing.assert_allclose(acc, acc_all[(slice(None),) + sl], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(w, w_all[sl], rtol=1e-6)
+
+
+class _Echo:
+    tile_size, mpp, num_classes = 8, 1.0, 1
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def predict_scores(self, tiles):
+        self.batch_sizes.append(len(tiles))
+        v = tiles[..., 0].astype(np.float32)[:, None]
+        return np.concatenate([v, -v], axis=1)
+
+
+def test_batch_runner_batches_across_callers_and_returns_each_its_own():
+    pred = _Echo()
+    results = {}
+    with BatchRunner(pred, batch_size=16, gather_s=0.05) as runner:
+        def call(i):
+            tiles = np.full((5 + i, 8, 8, 3), i, np.uint8)
+            results[i] = runner.run(tiles)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i in range(6):
+        out = results[i]
+        assert out.shape == (5 + i, 2, 8, 8)
+        assert (out[:, 0] == i).all() and (out[:, 1] == -i).all()
+    assert sum(pred.batch_sizes) == sum(5 + i for i in range(6))
+    assert max(pred.batch_sizes) == 16  # tiles of several callers shared a batch
+    assert runner.tiles == sum(pred.batch_sizes)
+
+
+def test_batch_runner_passes_errors_to_the_caller():
+    class Broken(_Echo):
+        def predict_scores(self, tiles):
+            raise RuntimeError("boom")
+
+    with BatchRunner(Broken(), batch_size=4) as runner:
+        with pytest.raises(RuntimeError, match="boom"):
+            runner.run(np.zeros((3, 8, 8, 3), np.uint8))
