@@ -205,3 +205,37 @@ def test_polygons_are_valid_after_make_valid():
     bowtie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])
     parts = polygon_parts(bowtie)
     assert len(parts) == 2 and all(p.is_valid and p.geom_type == "Polygon" for p in parts)
+
+
+@pytest.mark.parametrize("row_order", [True, False])
+def test_components_match_connected_regions_whatever_the_block_order(tmp_path, row_order):
+    """Random blobs, rings with islands across seams: one feature per 4-connected region and
+    the exact area, whether components are settled row by row or all at close()."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    noise = ndi.gaussian_filter(rng.random((700, 650)), 9)
+    labels = np.digitize(noise, np.quantile(noise, [0.35, 0.6, 0.8])).astype(np.uint8)
+    yy, xx = np.mgrid[0:700, 0:650]
+    r2 = (yy - 350) ** 2 + (xx - 330) ** 2
+    labels[(r2 < 150**2) & (r2 >= 100**2)] = 1  # a ring crossing four 128-px chunks
+    labels[r2 < 100**2] = 0
+    labels[r2 < 40**2] = 1  # an island inside the ring's hole, on a seam too
+    classes = [(1, "A", (255, 0, 0)), (2, "B", (0, 255, 0)), (3, "C", (0, 0, 255))]
+    path = tmp_path / "blobs.geojson"
+    writer = GeoJSONWriter(path, classes=classes, scale=1.0, chunk_shape=(128, 128),
+                           label_shape=labels.shape)
+    origins = [(y, x) for y in range(0, 700, 128) for x in range(0, 650, 128)]
+    if not row_order:
+        origins = origins[::-1]
+    for y, x in origins:
+        writer.add_chunk(y, x, labels[y : y + 128, x : x + 128])
+    writer.close()
+    feats = json.loads(path.read_text())["features"]
+    for value, name, _ in classes:
+        geoms = [shape(f["geometry"]) for f in feats
+                 if f["properties"]["classification"]["name"] == name]
+        _, n = ndi.label(labels == value)  # 4-connectivity, as traced
+        assert len(geoms) == n, (name, len(geoms), n)
+        assert sum(g.area for g in geoms) == (labels == value).sum()
+        assert unary_union(geoms).area == (labels == value).sum()

@@ -7,11 +7,14 @@ that touch only at a corner are two objects, inside a chunk and across seams ali
 
 Seams: a polygon that touches an *internal* chunk seam (a chunk edge that is not the border of
 the label map) may continue in the neighbouring chunk. Those polygons are held in memory, per
-class, until ``close``, which unions them (``shapely.unary_union``) and splits the result into
-its connected parts. Every other polygon is final at once and is written to the output stream
-straight away. Memory is therefore bounded by the chunk being traced plus the seam-touching
-polygons (for tissue maps: the regions larger than a chunk and the small ones that happen to lie
-on a seam), never by the number of objects on the slide.
+class. Every other polygon is final at once and is written to the output stream straight away.
+When blocks arrive row by row (as ``SlidePyramidWriter.iter_label_chunks`` yields them), each
+new row first settles the rows above it: held polygons are grouped into connected components
+(shells that intersect), and a component that does not reach the new row's top seam can no
+longer grow, so it is unioned (``dissolve``) and written. Memory is therefore bounded by the
+chunk being traced plus the held polygons of components still open at the current row (regions
+crossing that row boundary), never by the number of objects on the slide nor by the number of
+rows. Blocks out of row order are accepted too; then everything held waits for ``close``.
 
 Output (QuPath >= 0.4 conventions): a ``FeatureCollection`` written feature by feature to
 ``<path>.part`` (through gzip for ``.geojson.gz``) and renamed into place by ``close``; an
@@ -107,6 +110,28 @@ def dissolve(polys: list[Polygon]) -> list[Polygon]:
     return [shapely.simplify(p, 0) for p in parts]
 
 
+def _components(polys: list[Polygon]) -> list[list[int]]:
+    """Indices of ``polys`` grouped by connectivity of their shells (touching counts)."""
+    shells = [Polygon(p.exterior) for p in polys]
+    parent = list(range(len(polys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    left, right = shapely.STRtree(shells).query(shells, predicate="intersects")
+    for a, b in zip(left.tolist(), right.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(polys)):
+        groups[find(i)].append(i)
+    return list(groups.values())
+
+
 class GeoJSONWriter:
     """Streamed, seam-dissolving QuPath GeoJSON writer (see module doc).
 
@@ -134,6 +159,8 @@ class GeoJSONWriter:
         self.chunk_shape = (int(chunk_shape[0]), int(chunk_shape[1]))
         self.label_shape = (int(label_shape[0]), int(label_shape[1]))
         self._held: dict[int, list[Polygon]] = defaultdict(list)
+        self._row_y0 = 0  # top of the block row being traced
+        self._row_order = True  # blocks so far came row by row
         self._seen: set[tuple[int, int]] = set()
         self._counts: dict[str, int] = {n: 0 for n, _ in self.classes.values()}
         self._t0 = time.perf_counter()
@@ -186,6 +213,12 @@ class GeoJSONWriter:
         if labels.dtype != np.uint8:
             labels = labels.astype(np.uint8)
         h, w = labels.shape
+        if y0 < self._row_y0:
+            self._row_order = False  # a block above the current row: settle nothing early
+        elif y0 > self._row_y0:
+            if self._row_order:
+                self._settle_above(y0)
+            self._row_y0 = y0
         for value, poly in trace_block(labels, y0, x0, self.classes):
             if self._touches_seam(poly, y0, x0, h, w):
                 self._held[value].append(poly)
@@ -225,6 +258,25 @@ class GeoJSONWriter:
                            + json.dumps(feature, separators=(",", ":")))
             self._first = False
             self._counts[name] += 1
+
+    def _settle_above(self, y_seam: int) -> None:
+        """Write the held components that end above the seam at ``y_seam`` (they cannot grow).
+
+        Components are found on the traced polygons themselves (never on earlier unions), so
+        ``dissolve``'s hole rule stays exact.
+        """
+        for value in list(self._held):
+            polys = self._held[value]
+            if not polys:
+                continue
+            keep = []
+            for component in _components(polys):
+                if max(polys[i].bounds[3] for i in component) < y_seam:
+                    for part in dissolve([polys[i] for i in component]):
+                        self._write_feature(value, part)
+                else:
+                    keep.extend(polys[i] for i in component)
+            self._held[value] = keep
 
     def _dissolve(self) -> None:
         """Union the held seam-touching polygons per class and write their connected parts."""
