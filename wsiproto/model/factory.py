@@ -1,0 +1,337 @@
+"""Presets, building, weights, device and dtype; saving and loading checkpoints.
+
+Everything that touches files lives here; the model modules only see configs and tensors.
+
+* Presets are JSON files in ``presets/`` (``dualproto-tiny``, ``dualproto-vitb16``): an open_clip
+  architecture (by name, or a full config for towers open_clip does not list) plus head, data and
+  mask settings. ``create_model`` overlays the caller's switches on a preset.
+* Tower weights come only from a local file given as ``pretrained``: ``.safetensors`` is read
+  without pickle; ``.pt``/``.bin``/``.pth`` go through ``torch.load(weights_only=True)``, which
+  refuses anything but tensors and plain containers. Named towers are built by
+  ``open_clip.create_model(name, pretrained=<absolute path>)`` so that a path is never taken for
+  a download tag. OpenAI CLIP weights need ``quick_gelu=True``; OpenAI's TorchScript archives are
+  refused (they are code, not a state dict): use an open_clip state dict of the same weights.
+* A checkpoint is a directory: ``model.safetensors`` (all persistent tensors; with
+  ``include_backbone=False`` the towers are left out and must be passed again on load) and
+  ``config.json`` (format, classes, colours, descriptions, backbone, mpp, tile size,
+  normalisation, mask settings, and the weights file's size and SHA-256). Loading never
+  unpickles, checks size and checksum first, then every tensor name and shape against the model
+  the config describes, and fails with one line naming the file otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsiproto.classes import get_class_table
+from wsiproto.errors import WsiprotoError
+from wsiproto.model.backbone import BackboneConfig, ClipBackbone
+from wsiproto.model.dualproto import DualProtoConfig, DualProtoSeg
+
+FORMAT = "wsiproto-dualproto"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_BACKBONE_KEYS = ("open_clip_name", "open_clip_cfg", "quick_gelu", "blocks", "freeze")
+
+
+# --- presets -----------------------------------------------------------------------------------
+def _preset_files() -> dict[str, Any]:
+    root = resources.files("wsiproto.model") / "presets"
+    return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets."""
+    return sorted(_preset_files())
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw JSON of a preset."""
+    files = _preset_files()
+    if name not in files:
+        raise WsiprotoError(f"unknown model preset {name!r}",
+                            hint=f"choose one of {', '.join(sorted(files))}")
+    return json.loads(files[name].read_text(encoding="utf-8"))
+
+
+def build_config(preset: str = "dualproto-tiny", classes: Any = None,
+                 **overrides: Any) -> DualProtoConfig:
+    """A :class:`DualProtoConfig` from a preset, a class table and keyword overrides.
+
+    Overrides may name any model/data setting (``n_ctx``, ``prototypes``, ``pyramid``,
+    ``descriptions_per_class``, ``mpp``, ...), ``mask_alpha``/``thresholds``, or a backbone
+    setting (``blocks``, ``quick_gelu``, ``freeze``).
+    """
+    raw = load_preset(preset)
+    table = get_class_table(classes if classes is not None else raw.get("classes", "bcss"))
+    backbone = {k: v for k, v in raw["backbone"].items() if k in _BACKBONE_KEYS}
+    model = dict(raw.get("model", {}))
+    data = dict(raw.get("data", {}))
+    masks = dict(raw.get("masks", {}))
+    for key, value in overrides.items():
+        if value is None and key not in ("descriptions_per_class", "image_prototypes_per_class"):
+            continue
+        if key in _BACKBONE_KEYS:
+            backbone[key] = value
+        elif key in DualProtoConfig._MODEL_KEYS:
+            model[key] = value
+        elif key in DualProtoConfig._DATA_KEYS:
+            data[key] = value
+        elif key == "mask_alpha":
+            masks["alpha"] = value
+        elif key == "thresholds":
+            masks["thresholds"] = value
+        else:
+            raise WsiprotoError(f"unknown model option {key!r}")
+    return DualProtoConfig.from_dict({"preset": raw.get("name", preset), "classes": table.to_dict(),
+                                      "backbone": backbone, "model": model, "data": data,
+                                      "masks": masks})
+
+
+# --- towers ------------------------------------------------------------------------------------
+def _weights_path(pretrained: str | os.PathLike | None) -> str | None:
+    if pretrained is None:
+        return None
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise WsiprotoError("no such weights file", path=path,
+                            hint="give a local open_clip checkpoint (.safetensors, .bin, .pt); "
+                                 "nothing is downloaded")
+    return str(path.resolve())
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None = None) -> ClipBackbone:
+    """open_clip towers from the config, weights from the local file ``pretrained`` or random."""
+    import pickle
+
+    import open_clip
+    from safetensors import SafetensorError
+
+    path = _weights_path(pretrained)
+    try:
+        if config.open_clip_name is not None:
+            name = config.open_clip_name
+            if name not in open_clip.list_models():
+                raise WsiprotoError(f"open_clip has no architecture {name!r}")
+            clip = open_clip.create_model(name, pretrained=path, force_quick_gelu=config.quick_gelu,
+                                          weights_only=True)
+            tokenizer = open_clip.get_tokenizer(name)
+        else:
+            cfg = json.loads(json.dumps(config.open_clip_cfg))
+            if "hf_tokenizer_name" in cfg.get("text_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
+                raise WsiprotoError("custom backbones must use open_clip's built-in text tower")
+            clip = open_clip.CLIP(**cfg, quick_gelu=config.quick_gelu)
+            if path is not None:
+                open_clip.load_checkpoint(clip, path, strict=True, weights_only=True)
+            tokenizer = open_clip.SimpleTokenizer(
+                context_length=cfg.get("text_cfg", {}).get("context_length", 77))
+    except WsiprotoError:
+        raise
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, KeyError, ValueError, EOFError,
+            OSError) as err:
+        if path is None:
+            raise
+        raise WsiprotoError(f"cannot load {config.label} weights ({_first_line(err)})", path=path,
+                            hint="use a plain state dict (safetensors or a tensors-only .pt/.bin) "
+                                 "of this architecture; OpenAI weights also need quick_gelu") from None
+    backbone = ClipBackbone(clip, tokenizer, blocks=config.blocks, freeze=config.freeze)
+    return backbone
+
+
+# --- model -------------------------------------------------------------------------------------
+def _place(model: torch.nn.Module, device: Any, dtype: Any) -> torch.nn.Module:
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def build_model(config: DualProtoConfig, pretrained: str | os.PathLike | None = None, *,
+                seed: int | None = None) -> DualProtoSeg:
+    """A model for ``config`` on the CPU in float32 (random init from ``seed`` when given)."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        backbone = build_backbone(config.backbone, pretrained)
+        if tuple(backbone.image_size) != (config.tile_size, config.tile_size):
+            raise WsiprotoError(f"tile size {config.tile_size} does not match the vision tower's "
+                                f"input size {backbone.image_size}")
+        try:
+            return DualProtoSeg(config, backbone)
+        except ValueError as err:
+            raise WsiprotoError(_first_line(err, 300)) from None
+
+
+def create_model(preset: str = "dualproto-tiny", *, classes: Any = None,
+                 pretrained: str | os.PathLike | None = None, unfreeze: bool = False,
+                 device: Any = "cpu", dtype: Any = None, seed: int | None = None,
+                 **overrides: Any) -> DualProtoSeg:
+    """Build a DualProtoSeg model from a preset.
+
+    ``classes``: a registered table name (``"bcss"``, ``"luad-histoseg"``, ``"wsss4luad"``), a
+    :class:`~wsiproto.classes.ClassTable`, its dict, or a list of class names (default: the
+    preset's). ``pretrained``: a local tower weights file, else random towers. ``unfreeze``
+    trains the towers too. Other keywords override preset settings (see :func:`build_config`),
+    e.g. ``prototypes="text"``, ``n_ctx=8``, ``descriptions_per_class=5``, ``pyramid=False``.
+    """
+    if unfreeze:
+        overrides["freeze"] = False
+    config = build_config(preset, classes, **overrides)
+    if pretrained is not None:
+        config.backbone.weights = Path(pretrained).name
+    model = build_model(config, pretrained, seed=seed)
+    return _place(model, device, dtype)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: DualProtoSeg, directory: str | os.PathLike, *,
+               include_backbone: bool = True) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns the directory.
+
+    ``include_backbone=False`` leaves the (frozen) towers out, e.g. to ship a ViT-B-16 model
+    without 600 MB of CLIP weights; :func:`load_model` then needs the same tower weights file.
+    """
+    from safetensors.torch import save_file
+
+    from wsiproto import __version__
+
+    if include_backbone is False and not model.backbone.frozen:
+        raise WsiprotoError("an unfrozen backbone was trained and must be saved with the model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+               if include_backbone or not k.startswith("backbone.")}
+    weights = directory / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(
+        tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "wsiproto_version": __version__,
+              **model.config.to_dict(),
+              "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size,
+                          "sha256": _sha256(weights), "tensors": len(tensors),
+                          "includes_backbone": bool(include_backbone)}}
+    text = json.dumps(config, indent=2) + "\n"
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed and format-checked ``config.json`` of a checkpoint directory."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE if directory.is_dir() else directory
+    if not path.is_file():
+        raise WsiprotoError("not a wsiproto model (no config.json)", path=directory,
+                            hint="give the directory written by save_model / wsiproto train")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WsiprotoError(f"config is not valid JSON ({_first_line(err)})", path=path,
+                            hint="the file is damaged; re-copy the model directory") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise WsiprotoError(f"not a {FORMAT} config", path=path)
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise WsiprotoError(f"model format {data.get('format_version')} is newer than this "
+                            f"wsiproto understands ({FORMAT_VERSION})", path=path,
+                            hint="upgrade wsiproto")
+    return data
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                   expected: Mapping[str, torch.Tensor]) -> None:
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    reshaped = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {k} {list(tensors[k].shape)} "
+                        f"where the config implies {list(expected[k].shape)})")
+    raise WsiprotoError(f"weights do not match config.json: {', '.join(problems)}", path=path,
+                        hint="config.json and model.safetensors come from different models; "
+                             "re-save or re-copy the model directory")
+
+
+def load_model(directory: str | os.PathLike, *, pretrained: str | os.PathLike | None = None,
+               device: Any = "cpu", dtype: Any = None, verify: bool = True) -> DualProtoSeg:
+    """Load a model saved by :func:`save_model`, in eval mode.
+
+    ``pretrained``: the tower weights file, needed only for checkpoints saved without their
+    backbone. ``verify`` checks the weights file's SHA-256 against config.json.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
+    data = read_config(directory)
+    info = data.get("weights") or {}
+    weights = directory / str(info.get("file", WEIGHTS_FILE))
+    if not weights.is_file():
+        raise WsiprotoError("weights file missing", path=weights, hint="re-copy the model directory")
+    size = weights.stat().st_size
+    if "bytes" in info and size != int(info["bytes"]):
+        raise WsiprotoError(f"weights file is {size} bytes, config.json expects {info['bytes']} "
+                            "(truncated or replaced)", path=weights, hint="re-copy the model directory")
+    if verify and "sha256" in info and _sha256(weights) != info["sha256"]:
+        raise WsiprotoError("weights file does not match the checksum in config.json (damaged or "
+                            "replaced)", path=weights, hint="re-copy the model directory")
+    config = DualProtoConfig.from_dict(data)
+    includes_backbone = bool(info.get("includes_backbone", True))
+    if not includes_backbone and pretrained is None:
+        raise WsiprotoError("this model was saved without its backbone weights", path=directory,
+                            hint=f"pass the {config.backbone.label} weights file "
+                                 f"({config.backbone.weights or 'the one used for training'})")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WsiprotoError(f"not a readable safetensors file ({_first_line(err)})", path=weights,
+                            hint="the file is truncated or damaged; re-copy the model directory") from None
+    model = build_model(config, pretrained if not includes_backbone else None)
+    expected = {k: v for k, v in model.state_dict().items()
+                if includes_backbone or not k.startswith("backbone.")}
+    _check_tensors(weights, tensors, expected)
+    model.load_state_dict(tensors, strict=includes_backbone)
+    model = _place(model, device, dtype)
+    return model.eval()
+
+
