@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from wsiproto import __version__
 from wsiproto.errors import WsiprotoError
 
-from . import demo, info, sample
+from . import demo, info, sample, segment
 
-COMMANDS = (info, sample, demo)
+COMMANDS = (info, segment, sample, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

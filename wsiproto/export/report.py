@@ -41,18 +41,20 @@ def overlay_image(
     alpha: float = 0.45,
     title: str | None = None,
     areas: dict[str, float] | None = None,
+    uncoloured: tuple[int, ...] = (),
 ) -> np.ndarray:
     """Blend the class map over the thumbnail (same size) and add a legend panel on the right.
 
     ``classes``: (label value, name, rgb); ``areas``: optional percentages per class name shown
-    in the legend.
+    in the legend; ``uncoloured``: values listed in the legend but left as the thumbnail shows
+    them (e.g. background inside tissue).
     """
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = labels.shape
     if thumbnail.shape[:2] != (h, w):
         thumbnail = np.asarray(Image.fromarray(thumbnail).resize((w, h), Image.Resampling.BOX))
-    color, mask = colorize(labels, {v: rgb for v, _, rgb in classes})
+    color, mask = colorize(labels, {v: rgb for v, _, rgb in classes if v not in uncoloured})
     blended = thumbnail.astype(np.float32)
     blended[mask] = (1 - alpha) * blended[mask] + alpha * color[mask]
     base = Image.fromarray(blended.round().astype(np.uint8))

@@ -511,7 +511,8 @@ def _write_overlay(slide, writer, folder, classes, percent, stem) -> None:
     labels = writer.read_level(writer.num_levels - 1)
     h, w = labels.shape
     thumb, _ = slide.thumbnail(max_size=max(h, w))
-    img = overlay_image(thumb, labels, classes, title=stem, areas=percent)
+    img = overlay_image(thumb, labels, classes, title=stem, areas=percent,
+                        uncoloured=(classes[-1][0],))  # background: the slide as it is
     save_png_atomic(folder / "overlay.png", img)
 
 

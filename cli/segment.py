@@ -1,0 +1,88 @@
+"""``wsiproto segment SLIDE``: class-label OME-Zarr pyramid, QuPath GeoJSON, summary, overlay."""
+
+from __future__ import annotations
+
+EXAMPLE = ("wsiproto segment slide.svs --model runs/bcss --out results   "
+           "# -> results/slide/slide.ome.zarr, .geojson, summary.json, overlay.png")
+
+
+def add_segment_options(p) -> None:
+    """Options shared by ``segment`` and ``cohort``."""
+    p.add_argument("--model", default=None,
+                   help="model folder (save_model output or a `wsiproto train` run folder)")
+    p.add_argument("--out", default="wsiproto-out", help="output folder (default: wsiproto-out)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (auto: CUDA when available)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on a GPU, fp32 on a CPU; bf16 casts the model "
+                        "(faster on CPUs with AMX)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (flips x brightness; 9x the model work)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model batch (default: 32 on CPU, 128 on GPU)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="slide pixel size in um/px, for slides without one")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="output chunk side in label pixels, a multiple of 512 (default 2048)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="chunks in flight (reading, cutting, blending); default: 2")
+    p.add_argument("--ngff-version", default="0.5", choices=("0.5", "0.4"),
+                   help="OME-Zarr version (0.4 for QuPath and other Java tools)")
+    p.add_argument("--objects", default="annotation", choices=("annotation", "detection"),
+                   help="QuPath object type of the GeoJSON features")
+    p.add_argument("--gzip", action="store_true", help="write .geojson.gz")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also store per-class uint8 probabilities in the OME-Zarr")
+    p.add_argument("--no-image", action="store_true",
+                   help="do not store the RGB image the labels annotate (smaller output)")
+    p.add_argument("--backend", default="auto", choices=("auto", "openslide", "tiffslide"),
+                   help="slide reader")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results written with a different configuration")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(sub) -> None:
+    from . import add_command
+
+    p = add_command(sub, "segment", "segment one slide into OME-Zarr labels and QuPath GeoJSON",
+                    EXAMPLE)
+    p.add_argument("slide", help="slide file (.svs, .tif, .ndpi, .mrxs, .scn, DICOM ...)")
+    add_segment_options(p)
+    p.set_defaults(func=run)
+
+
+def options_from_args(args):
+    from pathlib import Path
+
+    from wsiproto.segment import SegmentOptions
+
+    return SegmentOptions(
+        out=Path(args.out), overlap=args.overlap, chunk=args.chunk_size, mpp=args.mpp,
+        backend=args.backend, ngff_version=args.ngff_version, objects=args.objects,
+        gzip=args.gzip, probabilities=args.probabilities, image=not args.no_image,
+        overwrite=args.overwrite, quiet=args.quiet, workers=args.workers or 2,
+    )
+
+
+def run(args) -> int:
+    import sys
+
+    from wsiproto.segment import segment_slide
+    from wsiproto.segment.predictor import load_predictor
+
+    predictor = load_predictor(args.model, device=args.device, precision=args.precision,
+                               tta=args.tta)
+    opts = options_from_args(args)
+    opts.batch_size = args.batch_size or predictor.default_batch_size
+    summary = segment_slide(args.slide, predictor, opts,
+                            echo=lambda m: print(f"wsiproto: {m}", file=sys.stderr))
+    folder = opts.out / summary["outputs"]["ome_zarr"].split(".")[0]
+    pct = ", ".join(f"{k} {v:.1f}%" for k, v in summary["class_percent_of_tissue"].items())
+    print(f"{summary['slide']['path']}: tissue {summary['tissue_area_mm2']:.2f} mm^2 ({pct})")
+    for key in ("ome_zarr", "geojson", "overlay"):
+        print(f"  {folder / summary['outputs'][key]}")
+    print(f"  {folder / 'summary.json'}")
+    return 0

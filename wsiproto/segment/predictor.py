@@ -1,0 +1,139 @@
+"""A saved DualProtoSeg model as a tile predictor for the segmentation pipeline.
+
+``predict_scores`` takes RGB uint8 tiles and returns the per-pixel scores of
+``wsiproto.model.masks.mask_scores`` (finest-level CAMs, min-max, gated by the model's own
+class probabilities — the "predicted" protocol — and the background score), which the pipeline
+blends across overlapping tiles before the argmax.
+
+Device handling: ``auto`` picks CUDA when available. On a GPU, tiles go through pinned memory
+with non-blocking copies, the model runs under bf16 autocast and inference mode; on a CPU it
+runs in fp32 (or with the weights cast to bf16 with ``precision="bf16"``, faster on CPUs with
+AMX).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from wsiproto.errors import WsiprotoError
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A folder holding a saved model: the folder itself, or the best/last checkpoint of a
+    ``wsiproto train`` run folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise WsiprotoError("no such model folder", path=p,
+                            hint="pass a folder written by save_model or `wsiproto train`")
+    if p.is_file():
+        p = p.parent
+    for candidate in (p, p / "best", p / "model", p / "last"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise WsiprotoError("not a wsiproto model folder (no config.json)", path=p,
+                        hint="pass a folder written by save_model or `wsiproto train`")
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class DualProtoPredictor:
+    """Wraps a DualProtoSeg model: uint8 tiles in, float32 class scores [N, C + 1, t, t] out."""
+
+    def __init__(self, model, *, device: str = "auto", precision: str = "auto",
+                 tta: bool = False, source: str | None = None, digest: str | None = None):
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise WsiprotoError("--device cuda was asked for but no CUDA GPU is available",
+                                hint="use --device cpu or auto")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "bf16-autocast" if self.cuda else "fp32"
+        if precision not in ("fp32", "bf16", "bf16-autocast"):
+            raise WsiprotoError(f"unknown precision {precision!r}", hint="use fp32, bf16 or auto")
+        self.precision = precision
+        self.model = model.to(self.device).eval()
+        if precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
+        cfg = model.config
+        self.config = cfg
+        self.tile_size = int(cfg.tile_size)
+        self.mpp = float(cfg.mpp)
+        self.num_classes = int(cfg.num_classes)
+        self.classes = [(c.name, tuple(c.colour)) for c in cfg.classes.classes]
+        self.background = (cfg.classes.background_name, tuple(cfg.classes.background_colour))
+        self.tta = tta
+        self.source = source
+        self.digest = digest
+        self.default_batch_size = 128 if self.cuda else 32
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._mean = torch.tensor(cfg.mean, device=self.device, dtype=dtype).view(1, 3, 1, 1)
+        self._std = torch.tensor(cfg.std, device=self.device, dtype=dtype).view(1, 3, 1, 1)
+        self._dtype = dtype
+
+    def describe(self) -> dict:
+        return {
+            "preset": self.config.preset,
+            "source": self.source,
+            "weights_sha256_16": self.digest,
+            "classes": [n for n, _ in self.classes],
+            "mpp": self.mpp,
+            "tile_size": self.tile_size,
+            "tta": self.tta,
+            "precision": self.precision,
+            "protocol": "predicted",
+        }
+
+    def predict_scores(self, tiles: np.ndarray) -> np.ndarray:
+        import torch
+
+        from wsiproto.model.masks import mask_scores
+
+        t = self.tile_size
+        if tiles.ndim != 4 or tiles.shape[1:] != (t, t, 3):
+            raise ValueError(f"tiles must be [N, {t}, {t}, 3] uint8, got {tiles.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).to(self._dtype).div_(255.0)
+        x = (x - self._mean) / self._std
+        with torch.inference_mode():
+            if self.precision == "bf16-autocast":
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                    scores, _ = mask_scores(self.model, x, tta=self.tta)
+            else:
+                scores, _ = mask_scores(self.model, x, tta=self.tta)
+        return scores.float().cpu().numpy()
+
+
+def load_predictor(model: str | os.PathLike | None, *, device: str = "auto",
+                   precision: str = "auto", tta: bool = False) -> DualProtoPredictor:
+    """The predictor of a saved model folder (``None``: the bundled default model)."""
+    from wsiproto.model import load_model
+
+    if model is None:
+        folder = Path(__file__).resolve().parents[1] / "model" / "default"
+        if not (folder / "config.json").is_file():
+            raise WsiprotoError(
+                "no --model given and this installation has no bundled default model",
+                hint="pass --model with a folder written by save_model or `wsiproto train`",
+            )
+    else:
+        folder = resolve_model_dir(model)
+    net = load_model(folder)
+    return DualProtoPredictor(net, device=device, precision=precision, tta=tta,
+                              source=str(folder), digest=_weights_digest(folder))
