@@ -65,6 +65,17 @@ def polygon_parts(geom) -> list[Polygon]:
     return [p for g in parts for p in polygon_parts(g) if p.area > 0]
 
 
+def _drop_collinear(ring) -> np.ndarray:
+    """A closed rectilinear ring without the vertices in the middle of straight runs (GDAL puts
+    one at every pixel corner); the geometry is unchanged."""
+    pts = np.asarray(ring, dtype=np.float64)[:-1]
+    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+    straight = ((prev[:, 0] == pts[:, 0]) & (pts[:, 0] == nxt[:, 0])) | \
+        ((prev[:, 1] == pts[:, 1]) & (pts[:, 1] == nxt[:, 1]))
+    pts = pts[~straight]
+    return np.concatenate([pts, pts[:1]])
+
+
 def trace_block(labels: np.ndarray, y0: int, x0: int, values) -> list[tuple[int, Polygon]]:
     """Pixel-exact polygons ``(value, polygon)`` of the given class values in one block.
 
@@ -77,10 +88,17 @@ def trace_block(labels: np.ndarray, y0: int, x0: int, values) -> list[tuple[int,
     if not mask.any():
         return []
     transform = Affine(1.0, 0.0, float(x0), 0.0, 1.0, float(y0))
-    out = []
+    geoms, vals = [], []
     for geom, value in shapes(labels, mask=mask, connectivity=4, transform=transform):
-        for poly in polygon_parts(shapely.geometry.shape(geom)):
-            out.append((int(value), shapely.simplify(poly, 0)))
+        rings = [_drop_collinear(r) for r in geom["coordinates"]]
+        geoms.append(Polygon(rings[0], rings[1:]))
+        vals.append(int(value))
+    valid = shapely.is_valid(np.asarray(geoms, dtype=object))
+    out = []
+    for value, poly, ok in zip(vals, geoms, valid):
+        # A region touching itself at a pixel corner can come out as an invalid ring.
+        parts = [poly] if ok else polygon_parts(poly)
+        out.extend((value, part) for part in parts)
     return out
 
 
@@ -235,25 +253,29 @@ class GeoJSONWriter:
             out["Perimeter µm"] = round(poly.length * um, 4)
         return out
 
-    def _to_output(self, poly: Polygon) -> list[Polygon]:
-        """Scale a label-grid polygon to level-0 px and round to 0.01.
+    def _geometry(self, poly: Polygon) -> list[dict]:
+        """GeoJSON Polygon dicts of a label-grid polygon in level-0 px, rounded to 0.01.
 
         Our polygons are rectilinear with integer vertices. ``round(i * scale, 2)`` is strictly
         increasing in ``i`` for scale >= 0.01, so it keeps the order of all x and of all y
         coordinates, hence the topology: a valid input stays valid and needs no (costly) check.
-        Smaller scales go through make_valid.
+        Smaller scales go through make_valid. Coordinates are built with numpy, not per vertex.
         """
-        scaled = shapely.transform(poly, lambda xy: np.round(xy * self.scale, 2))
-        return [scaled] if self.scale >= 0.01 else polygon_parts(scaled)
+        if self.scale < 0.01:
+            scaled = shapely.transform(poly, lambda xy: np.round(xy * self.scale, 2))
+            return [mapping(p) for p in polygon_parts(scaled)]
+        rings = [poly.exterior, *poly.interiors]
+        coords = [np.round(shapely.get_coordinates(r) * self.scale, 2).tolist() for r in rings]
+        return [{"type": "Polygon", "coordinates": coords}]
 
     def _write_feature(self, value: int, poly: Polygon) -> None:
         name, color = self.classes[value]
         props = {"objectType": self.object_type, "isLocked": False,
                  "classification": {"name": name, "color": color},
                  "measurements": self._measurements(poly)}
-        for part in self._to_output(poly):
+        for geometry in self._geometry(poly):
             feature = {"type": "Feature", "id": str(uuid.uuid4()),
-                       "geometry": mapping(part), "properties": props}
+                       "geometry": geometry, "properties": props}
             self._fh.write(("\n" if self._first else ",\n")
                            + json.dumps(feature, separators=(",", ":")))
             self._first = False
