@@ -147,16 +147,21 @@ def blend_tiles(
     origin: tuple[int, int],
     shape: tuple[int, int],
     overlap: int,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sum of tile scores on a canvas of ``shape`` whose top-left is ``origin``.
 
     Returns (sum of weight x scores [K+1, h, w], sum of weights [h, w]); tiles are cut to the
-    canvas. Positions and origin are label-frame coordinates.
+    canvas. Positions and origin are label-frame coordinates. ``out``: accumulate into these
+    arrays (tiles of one canvas can then be blended group by group).
     """
     n, k1, t, _ = scores.shape
     h, w = shape
-    acc = np.zeros((k1, h, w), np.float32)
-    wsum = np.zeros((h, w), np.float32)
+    if out is None:
+        acc = np.zeros((k1, h, w), np.float32)
+        wsum = np.zeros((h, w), np.float32)
+    else:
+        acc, wsum = out
     win = blend_window(t, overlap)
     oy, ox = origin
     for i, (ty, tx) in enumerate(positions):

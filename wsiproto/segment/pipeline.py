@@ -170,7 +170,8 @@ class _Run:
     done_dir: Path
     probabilities: bool
     image: bool
-    num_values: int
+    num_values: int  # label values: 0, the classes, background
+    group: int  # tiles per model request from one chunk
 
 
 def _tissue_pixels(run: _Run, chunk: Chunk) -> np.ndarray:
@@ -199,11 +200,17 @@ def process_chunk(run: _Run, chunk: Chunk) -> int:
         rx1 = max(p[1] for p in positions) + t
         slide = run.pool.get()
         region = slide.read_region((rx0 * s, ry0 * s), (rx1 - rx0, ry1 - ry0), mpp=run.model_mpp)
-        tiles = np.stack([region[ty - ry0 : ty - ry0 + t, tx - rx0 : tx - rx0 + t]
-                          for ty, tx in positions])
-        scores = run.runner.run(tiles)
-        acc, wsum = blend_tiles(scores, positions, (chunk.y0, chunk.x0),
-                                (chunk.height, chunk.width), grid.overlap)
+        k1 = run.num_values - 1  # classes + background
+        acc = np.zeros((k1, chunk.height, chunk.width), np.float32)
+        wsum = np.zeros((chunk.height, chunk.width), np.float32)
+        # Tiles go to the model and into the blend group by group: the scores of a whole chunk
+        # (about 1 MB per tile) never exist at once.
+        for g in range(0, len(positions), run.group):
+            group = positions[g : g + run.group]
+            tiles = np.stack([region[ty - ry0 : ty - ry0 + t, tx - rx0 : tx - rx0 + t]
+                              for ty, tx in group])
+            blend_tiles(run.runner.run(tiles), group, (chunk.y0, chunk.x0),
+                        (chunk.height, chunk.width), grid.overlap, out=(acc, wsum))
         covered = wsum > 0
         inside = _tissue_pixels(run, chunk) & covered
         labels[inside] = (np.argmax(acc[:, inside], axis=0) + 1).astype(np.uint8)
@@ -392,7 +399,8 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     runner = runner or BatchRunner(predictor, batch_size=opts.batch_size)
     pool = _SlidePool(slide.path, slide.backend, opts.mpp)
     run = _Run(grid, scale, model_mpp, tissue, pool, runner, writer, done_dir,
-               opts.probabilities, opts.image, len(classes) + 1)
+               opts.probabilities, opts.image, len(classes) + 1,
+               group=max(opts.batch_size, 16))
     progress = _Progress(len(todo), opts.quiet, desc=stem)
     counter = {"chunks": 0}
     lock = threading.Lock()
