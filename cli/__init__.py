@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from wsiproto import __version__
 from wsiproto.errors import WsiprotoError
 
-from . import demo, info, sample, segment
+from . import cohort, demo, info, sample, segment
 
-COMMANDS = (info, segment, sample, demo)
+COMMANDS = (info, segment, cohort, sample, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
