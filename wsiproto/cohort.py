@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.files import write_text_atomic
 from wsiproto.segment.pipeline import SegmentOptions
 
 log = logging.getLogger(__name__)
@@ -180,15 +181,6 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(part, "w", newline="", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, path)
-
-
 class Manifest:
     """``OUT/manifest.csv``: one row per slide (:data:`MANIFEST_FIELDS`), keyed by the slide's
     absolute path; rows of slides that are not part of this run are kept as they are.
@@ -238,7 +230,7 @@ class Manifest:
         writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows.values())
-        _write_atomic(self.path, buf.getvalue())
+        write_text_atomic(self.path, buf.getvalue())
         self._last_save = time.monotonic()
         self._dirty = False
 
@@ -902,7 +894,7 @@ def _record(manifest: Manifest, slide: str, res: dict, attempts: int, key: str, 
         tb_dir = out / TRACEBACKS
         tb_dir.mkdir(exist_ok=True)
         tb_file = tb_dir / f"{stem}.txt"
-        _write_atomic(tb_file, f"{slide}\n{res.get('worker', '')} {res.get('finished', '')}\n\n"
+        write_text_atomic(tb_file, f"{slide}\n{res.get('worker', '')} {res.get('finished', '')}\n\n"
                                f"{res.get('traceback', '')}")
         manifest.update(slide, **common, outputs="", config_hash="", run_key="",
                         segment_s="", error=res["error"],
@@ -957,7 +949,7 @@ def write_cohort_csv(out: Path, manifest: Manifest) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = out / COHORT_CSV
-    _write_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
     return path
 
 

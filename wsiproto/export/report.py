@@ -1,26 +1,12 @@
-"""Run reports: the overlay image (thumbnail + class map + legend) and JSON written atomically."""
+"""Run reports: the overlay image (thumbnail + class map + legend), written atomically."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to ``path.part`` and rename it into place (never a half-written file)."""
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, path)
-    return path
+from wsiproto.files import atomic_path
 
 
 def colorize(labels: np.ndarray, colors: dict[int, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +69,6 @@ def overlay_image(
 def save_png_atomic(path: str | Path, rgb: np.ndarray) -> Path:
     from PIL import Image
 
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    Image.fromarray(rgb).save(part, format="PNG", optimize=True)
-    os.replace(part, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", optimize=True)
+    return Path(path)

@@ -21,10 +21,8 @@ Everything that touches files lives here; the model modules only see configs and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 from wsiproto.classes import get_class_table
 from wsiproto.errors import WsiprotoError
+from wsiproto.files import atomic_path, sha256_file, write_text_atomic
 from wsiproto.model.backbone import BackboneConfig, ClipBackbone
 from wsiproto.model.dualproto import DualProtoConfig, DualProtoSeg
 
@@ -199,25 +198,6 @@ def create_model(preset: str = "dualproto-tiny", *, classes: Any = None,
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: DualProtoSeg, directory: str | os.PathLike, *,
                include_backbone: bool = True) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns the directory.
@@ -236,15 +216,16 @@ def save_model(model: DualProtoSeg, directory: str | os.PathLike, *,
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
                if include_backbone or not k.startswith("backbone.")}
     weights = directory / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(
-        tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp),
+                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "wsiproto_version": __version__,
               **model.config.to_dict(),
               "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size,
-                          "sha256": _sha256(weights), "tensors": len(tensors),
+                          "sha256": sha256_file(weights), "tensors": len(tensors),
                           "includes_backbone": bool(include_backbone)}}
     text = json.dumps(config, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(directory / CONFIG_FILE, text)
     return directory
 
 
@@ -312,7 +293,7 @@ def load_model(directory: str | os.PathLike, *, pretrained: str | os.PathLike | 
     if "bytes" in info and size != int(info["bytes"]):
         raise WsiprotoError(f"weights file is {size} bytes, config.json expects {info['bytes']} "
                             "(truncated or replaced)", path=weights, hint="re-copy the model directory")
-    if verify and "sha256" in info and _sha256(weights) != info["sha256"]:
+    if verify and "sha256" in info and sha256_file(weights) != info["sha256"]:
         raise WsiprotoError("weights file does not match the checksum in config.json (damaged or "
                             "replaced)", path=weights, hint="re-copy the model directory")
     config = DualProtoConfig.from_dict(data)

@@ -348,7 +348,7 @@ def segment_slide(
     finally:
         slide.close()
     summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    from wsiproto.export.report import write_json_atomic
+    from wsiproto.files import write_json_atomic
 
     write_json_atomic(folder / "summary.json", summary)
     shutil.rmtree(partial, ignore_errors=True)
@@ -371,7 +371,7 @@ def _open_writer(partial: Path, stem: str, grid: ChunkGrid, model_mpp: float, cl
         ngff_version=opts.ngff_version, chunk=opts.zarr_chunk,
         probabilities=opts.probabilities, image=opts.image, name=stem,
     )
-    from wsiproto.export.report import write_json_atomic
+    from wsiproto.files import write_json_atomic
 
     write_json_atomic(cfg_file, {"config_hash": cfg_hash, "config": config})
     return writer
@@ -415,7 +415,7 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
         progress.update(n)
         return n
 
-    tiles_before, busy_before = runner.tiles, runner.busy_s
+    busy_before = runner.busy_s
     t0 = time.perf_counter()
     try:
         tasks = [dask.delayed(task, pure=False)(c, dask_key_name=f"chunk-{c.key}") for c in todo]

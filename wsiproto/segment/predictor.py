@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.files import update_sha256
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -41,9 +42,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def _weights_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
+        update_sha256(digest, f)
     return digest.hexdigest()[:16]
 
 
