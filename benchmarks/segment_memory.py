@@ -29,8 +29,7 @@ predictor = load_predictor(model)
 t0 = time.perf_counter()
 s = segment_slide(slide, predictor, SegmentOptions(out=out, quiet=True, overwrite=True, gzip=gzip))
 wall = time.perf_counter() - t0
-stem = Path(slide).name.split(".")[0]
-geo = out / stem / s["outputs"]["geojson"]
+geo = Path(s["outputs"]["folder"]) / s["outputs"]["geojson"]
 print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "tiles": s["tiles"]["run_now"], "timings": s["timings"],
                   "features": sum(s["outputs"]["features"].values()),

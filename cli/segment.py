@@ -69,6 +69,7 @@ def options_from_args(args):
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
 
     from wsiproto.segment import segment_slide
     from wsiproto.segment.predictor import load_predictor
@@ -79,7 +80,7 @@ def run(args) -> int:
     opts.batch_size = args.batch_size or predictor.default_batch_size
     summary = segment_slide(args.slide, predictor, opts,
                             echo=lambda m: print(f"wsiproto: {m}", file=sys.stderr))
-    folder = opts.out / summary["outputs"]["ome_zarr"].split(".")[0]
+    folder = Path(summary["outputs"]["folder"])
     pct = ", ".join(f"{k} {v:.1f}%" for k, v in summary["class_percent_of_tissue"].items())
     print(f"{summary['slide']['path']}: tissue {summary['tissue_area_mm2']:.2f} mm^2 ({pct})")
     for key in ("ome_zarr", "geojson", "overlay"):

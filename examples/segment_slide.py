@@ -27,7 +27,7 @@ def main() -> None:
 
     predictor = load_predictor(args.model)  # device auto: CUDA when available
     summary = segment_slide(args.slide, predictor, SegmentOptions(out=Path(args.out)), echo=print)
-    folder = Path(args.out) / summary["outputs"]["ome_zarr"].split(".")[0]
+    folder = Path(summary["outputs"]["folder"])
 
     labels = zarr.open_group(str(folder / summary["outputs"]["ome_zarr"]), mode="r")["labels/tissue"]
     print("label levels:", [labels[k].shape for k in sorted(labels.array_keys(), key=int)])

@@ -84,8 +84,9 @@ MANIFEST_FIELDS = (
 
 def output_stem(path: str | os.PathLike) -> str:
     """The name of a slide's output folder, as :func:`segment_slide` derives it."""
-    p = Path(path)
-    return p.name.split(".")[0] or p.stem
+    from wsiproto.segment.pipeline import slide_stem
+
+    return slide_stem(path)
 
 
 def _slides_from_csv(path: Path) -> list[Path]:

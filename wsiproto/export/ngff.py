@@ -133,7 +133,7 @@ class SlidePyramidWriter:
         self.chunk = int(chunk)
         self.probabilities = bool(probabilities)
         self.image = bool(image)
-        self.name = name if name is not None else self.path.name.split(".")[0]
+        self.name = name if name is not None else self.path.name.removesuffix(".ome.zarr")
         self._validate()
         self.shapes = level_shapes(self.height, self.width)
         if _create:

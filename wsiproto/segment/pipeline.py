@@ -81,6 +81,16 @@ def _class_table(predictor: TilePredictor) -> list[tuple[int, str, tuple[int, in
     return rows
 
 
+def slide_stem(path: str | os.PathLike) -> str:
+    """The name of a slide's output folder: its file name without the extension
+    (``a.svs`` -> ``a``, ``b.v2.ndpi`` -> ``b.v2``, ``c.ome.tiff`` -> ``c``)."""
+    name = Path(path).name
+    for double in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(double) and len(name) > len(double):
+            return name[: -len(double)]
+    return Path(name).stem or name
+
+
 def _slide_identity(path: Path) -> dict:
     st = path.stat()
     return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -319,7 +329,7 @@ def segment_slide(
         fw, fh = slide.size
         height, width = max(1, math.ceil(fh / scale)), max(1, math.ceil(fw / scale))
         grid = ChunkGrid(height, width, opts.chunk, tile, overlap)
-        stem = slide.path.name.split(".")[0] or slide.path.stem
+        stem = slide_stem(slide.path)
         folder = Path(opts.out) / stem
         _ensure_writable(folder)
         classes = _class_table(predictor)
@@ -470,7 +480,7 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
         "tiles": {"run_now": int(sum(tile_counts)), "global_grid": grid.total_tiles(),
                   "model_busy_s": round(model_busy, 3)},
         "outputs": {
-            "ome_zarr": final_zarr.name, "geojson": geo["path"].name,
+            "folder": str(folder), "ome_zarr": final_zarr.name, "geojson": geo["path"].name,
             "overlay": "overlay.png", "features": geo["features"],
         },
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -524,4 +534,5 @@ def _write_overlay(slide, writer, folder, classes, percent, stem) -> None:
     save_png_atomic(folder / "overlay.png", img)
 
 
-__all__ = ["SegmentOptions", "SimulatedCrash", "config_hash", "process_chunk", "segment_slide"]
+__all__ = ["SegmentOptions", "SimulatedCrash", "config_hash", "process_chunk", "segment_slide",
+           "slide_stem"]
