@@ -34,7 +34,7 @@ def register(sub) -> None:
     excl = where.add_mutually_exclusive_group()
     excl.add_argument("--workers", type=int, default=None,
                       help="local cluster of N worker processes (default: one per GPU, or "
-                           "one per 4 CPU cores)")
+                           "one per 4 CPU cores, at least 2)")
     excl.add_argument("--scheduler", metavar="ADDRESS", default=None,
                       help="an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (GPU workers: "
                            "start them with `--resources GPU=1`)")

@@ -513,9 +513,11 @@ def _cuda_devices() -> int:
 
 def local_workers(n_slides: int, gpus: int) -> int:
     """Default LocalCluster size: one worker per GPU; on CPUs one worker process per 4 cores
-    (each with cores / workers torch threads), at most one per 4 GiB of memory and never more
-    than the slides to run. Measured on a 2-core machine (benchmarks/cohort_throughput.py):
-    one worker with 2 torch threads beat two workers with one each."""
+    but at least two (each with cores / workers torch threads), at most one per 4 GiB of memory
+    and never more than the slides to run. Two workers overlap one slide's serial stages
+    (pyramid, GeoJSON, overlay) with another's inference: on a 2-core machine
+    (benchmarks/cohort_throughput.py, 6 slides of 2048 px) two workers with one torch thread
+    each ran 1047 slides/hour against 818 for one worker with two threads."""
     if gpus:
         return max(1, min(gpus, n_slides))
     cores = os.cpu_count() or 1
@@ -523,7 +525,7 @@ def local_workers(n_slides: int, gpus: int) -> int:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem_gib = 8.0
-    n = max(1, cores // 4)
+    n = min(cores, max(2, cores // 4))
     n = min(n, max(1, int(mem_gib // 4)))
     return max(1, min(n, n_slides))
 
