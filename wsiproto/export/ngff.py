@@ -89,26 +89,45 @@ def mode_downsample(labels: np.ndarray) -> np.ndarray:
     """2x mode downsampling of an integer label map [h, w] (uint8 values).
 
     Each output pixel is the most frequent value of its 2x2 block (fewer pixels at odd edges).
-    Ties: a non-zero value beats 0, then the smaller value wins.
+    Ties: a non-zero value beats 0, then the smaller value wins. Computed from the four
+    corners of every block with pairwise comparisons (no [h, w, 4, 4] intermediate).
     """
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
     x = _pad_to_even(labels.astype(np.int16), -1)
-    h2, w2 = x.shape[0] // 2, x.shape[1] // 2
-    cand = x.reshape(h2, 2, w2, 2).transpose(0, 2, 1, 3).reshape(h2, w2, 4)
-    counts = (cand[..., :, None] == cand[..., None, :]).sum(axis=-1, dtype=np.int32)
-    score = counts * 512 + (cand != 0) * 256 + (255 - cand)
-    score[cand < 0] = -1
-    best = np.argmax(score, axis=-1)
-    return np.take_along_axis(cand, best[..., None], axis=-1)[..., 0].astype(labels.dtype)
+    corners = [x[0::2, 0::2], x[0::2, 1::2], x[1::2, 0::2], x[1::2, 1::2]]
+    best_score = best_value = None
+    for i, v in enumerate(corners):
+        count = np.ones(v.shape, np.int16)
+        for j, other in enumerate(corners):
+            if j != i:
+                count += v == other
+        score = count * 512 + (v != 0) * 256 + (255 - v)
+        score[v < 0] = -1  # padding never wins
+        if best_score is None:
+            best_score, best_value = score, v.copy()
+        else:
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_value = np.where(better, v, best_value)
+    return best_value.astype(labels.dtype)
 
 
 def mean_downsample(block: np.ndarray) -> np.ndarray:
-    """2x mean downsampling over the last two axes of a uint8 array [..., h, w], rounded."""
+    """2x mean downsampling over the last two axes of a uint8 array [..., h, w], rounded
+    half up (fewer pixels at odd edges)."""
+    h, w = block.shape[-2:]
+    if h % 2 == 0 and w % 2 == 0:  # the common case: integer sums, exact rounding
+        total = block[..., 0::2, 0::2].astype(np.uint16)
+        total += block[..., 0::2, 1::2]
+        total += block[..., 1::2, 0::2]
+        total += block[..., 1::2, 1::2]
+        total += 2
+        return (total >> 2).astype(np.uint8)
     x = _pad_to_even(block.astype(np.float32), np.nan)
     h2, w2 = x.shape[-2] // 2, x.shape[-1] // 2
     x = x.reshape(*x.shape[:-2], h2, 2, w2, 2)
-    mean = np.nanmean(x, axis=(-3, -1)) if np.isnan(x).any() else x.mean(axis=(-3, -1))
+    mean = np.nanmean(x, axis=(-3, -1))
     return np.floor(mean + 0.5).astype(np.uint8)
 
 
