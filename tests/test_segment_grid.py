@@ -106,3 +106,32 @@ def test_slide_stem(name, stem):
     from wsiproto.segment.pipeline import slide_stem
 
     assert slide_stem(f"/data/{name}") == stem
+
+
+def test_closing_the_runner_releases_waiting_callers():
+    """An interrupt closes the runner while chunk threads wait: they must return, not hang."""
+    import time
+
+    class Slow(_Echo):
+        def predict_scores(self, tiles):
+            time.sleep(0.3)
+            return super().predict_scores(tiles)
+
+    runner = BatchRunner(Slow(), batch_size=2)
+    errors = []
+
+    def call():
+        try:
+            runner.run(np.zeros((6, 8, 8, 3), np.uint8))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    runner.close()
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
+    assert errors and "closed" in str(errors[0])

@@ -76,7 +76,10 @@ class BatchRunner:
             return np.zeros((0, self.predictor.num_classes + 1, t, t), np.float32)
         req = _Request(tiles=tiles)
         self._queue.put(req)
-        req.done.wait()
+        # Wake up if the runner is closed meanwhile (an interrupt): never wait forever.
+        while not req.done.wait(0.25):
+            if not self._thread.is_alive():
+                raise RuntimeError("the batch runner was closed before these tiles ran")
         if req.error is not None:
             raise req.error
         return req.out
@@ -104,6 +107,20 @@ class BatchRunner:
                     pass
             self._run_batch(pending)
             pending = [p for p in pending if not p[0].done.is_set()]
+        # Closed: fail what is still waiting so that its callers return.
+        closed = RuntimeError("the batch runner was closed before these tiles ran")
+        leftovers = [r for r, _ in pending]
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                leftovers.append(item)
+        for req in leftovers:
+            if not req.done.is_set():
+                req.error = closed
+                req.done.set()
 
     def _run_batch(self, pending: list[list]) -> None:
         parts, take = [], self.batch_size
