@@ -73,16 +73,21 @@ def resize_to(image: np.ndarray, mask: np.ndarray | None = None, size: int = TIL
     return _resize(image, mask, size, size)
 
 
+def _at_least(image: np.ndarray, mask: np.ndarray | None, size: int):
+    """Scale up (aspect kept) so that the shorter side is at least ``size``."""
+    h, w = image.shape[:2]
+    if min(h, w) >= size:
+        return image, mask
+    scale = size / min(h, w)
+    return _resize(image, mask, max(size, round(w * scale)), max(size, round(h * scale)))
+
+
 def random_crop(image: np.ndarray, mask: np.ndarray | None = None, size: int = TILE_SIZE,
                 rng: Rng = None):
     """A random ``size x size`` window. A side shorter than ``size`` is first scaled up (aspect
     kept) so that the shorter side is ``size``; an image of exactly that size is returned as is."""
+    image, mask = _at_least(image, mask, size)
     h, w = image.shape[:2]
-    if min(h, w) < size:
-        scale = size / min(h, w)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image, mask = _resize(image, mask, nw, nh)
-        h, w = nh, nw
     if (h, w) == (size, size):
         return image, mask
     y, x = _randint(rng, h - size + 1), _randint(rng, w - size + 1)
@@ -92,12 +97,8 @@ def random_crop(image: np.ndarray, mask: np.ndarray | None = None, size: int = T
 
 def center_crop(image: np.ndarray, mask: np.ndarray | None = None, size: int = TILE_SIZE):
     """The central ``size x size`` window (scaling up a shorter side first, like random_crop)."""
+    image, mask = _at_least(image, mask, size)
     h, w = image.shape[:2]
-    if min(h, w) < size:
-        scale = size / min(h, w)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image, mask = _resize(image, mask, nw, nh)
-        h, w = nh, nw
     y, x = (h - size) // 2, (w - size) // 2
     crop = (slice(y, y + size), slice(x, x + size))
     return image[crop], (None if mask is None else mask[crop])
