@@ -165,18 +165,14 @@ def parse_label(path: str | Path, num_classes: int, *, kind: str | None = None) 
 
 # --- datasets ---------------------------------------------------------------------------------
 
-class LabelledPatches:
-    """Training patches with image-level labels: items ``(rgb uint8 [H, W, 3], labels float32 [C])``."""
+class _Patches:
+    """What both dataset kinds share: image paths, class table, split description, transform."""
 
-    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray, table: ClassTable, *,
-                 kind: str = "generic", split: str = "train", root: str | Path | None = None,
-                 transform: Callable[[np.ndarray, np.ndarray], Any] | None = None):
+    def __init__(self, paths: Sequence[str | Path], table: ClassTable, *, kind: str, split: str,
+                 root: str | Path | None,
+                 transform: Callable[[np.ndarray, np.ndarray], Any] | None):
         self.paths = [str(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.paths), -1)
         self.table = get_class_table(table)
-        if self.labels.shape[1] != self.table.num_classes:
-            raise WsiprotoError(f"labels have {self.labels.shape[1]} columns, class table "
-                                f"{self.table.name!r} has {self.table.num_classes} classes")
         self.kind, self.split = kind, split
         self.root = None if root is None else str(root)
         self.transform = transform
@@ -184,25 +180,38 @@ class LabelledPatches:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
-        rgb = read_rgb(self.paths[index])
-        labels = self.labels[index].copy()
-        return self.transform(rgb, labels) if self.transform is not None else (rgb, labels)
-
     @property
     def num_classes(self) -> int:
         return self.table.num_classes
-
-    def class_counts(self) -> np.ndarray:
-        """Number of patches carrying each class (``int64 [C]``)."""
-        return self.labels.sum(axis=0).astype(np.int64)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kind={self.kind!r}, split={self.split!r}, n={len(self)}, "
                 f"classes={self.table.names})")
 
 
-class MaskedPatches:
+class LabelledPatches(_Patches):
+    """Training patches with image-level labels: items ``(rgb uint8 [H, W, 3], labels float32 [C])``."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray, table: ClassTable, *,
+                 kind: str = "generic", split: str = "train", root: str | Path | None = None,
+                 transform: Callable[[np.ndarray, np.ndarray], Any] | None = None):
+        super().__init__(paths, table, kind=kind, split=split, root=root, transform=transform)
+        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.paths), -1)
+        if self.labels.shape[1] != self.table.num_classes:
+            raise WsiprotoError(f"labels have {self.labels.shape[1]} columns, class table "
+                                f"{self.table.name!r} has {self.table.num_classes} classes")
+
+    def __getitem__(self, index: int):
+        rgb = read_rgb(self.paths[index])
+        labels = self.labels[index].copy()
+        return self.transform(rgb, labels) if self.transform is not None else (rgb, labels)
+
+    def class_counts(self) -> np.ndarray:
+        """Number of patches carrying each class (``int64 [C]``)."""
+        return self.labels.sum(axis=0).astype(np.int64)
+
+
+class MaskedPatches(_Patches):
     """Evaluation patches with pixel masks: items ``(rgb uint8 [H, W, 3], mask int64 [H, W])``.
 
     The mask's background value is ``table.num_classes``. Image and mask sizes are compared when
@@ -213,18 +222,12 @@ class MaskedPatches:
                  table: ClassTable, *, kind: str = "generic", split: str = "val",
                  root: str | Path | None = None, labels: np.ndarray | None = None,
                  transform: Callable[[np.ndarray, np.ndarray], Any] | None = None):
-        self.paths = [str(p) for p in image_paths]
+        super().__init__(image_paths, table, kind=kind, split=split, root=root,
+                         transform=transform)
         self.mask_paths = [str(p) for p in mask_paths]
         if len(self.paths) != len(self.mask_paths):
             raise WsiprotoError(f"{len(self.paths)} images but {len(self.mask_paths)} masks")
-        self.table = get_class_table(table)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
-        self.kind, self.split = kind, split
-        self.root = None if root is None else str(root)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int):
         rgb = read_rgb(self.paths[index])
@@ -234,20 +237,12 @@ class MaskedPatches:
                               self.paths[index])
         return self.transform(rgb, mask) if self.transform is not None else (rgb, mask)
 
-    @property
-    def num_classes(self) -> int:
-        return self.table.num_classes
-
     def check_sizes(self) -> None:
         """Compare every image's and mask's size from the file headers (cheap, no decoding)."""
         for image, mask in zip(self.paths, self.mask_paths):
             ms, im = image_size(mask), image_size(image)
             if ms != im:
                 raise _size_error(mask, ms, im, image)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(kind={self.kind!r}, split={self.split!r}, n={len(self)}, "
-                f"classes={self.table.names})")
 
 
 def _size_error(mask: str, mask_size, image_size_, image: str) -> WsiprotoError:
