@@ -25,7 +25,14 @@ from wsiproto.model.factory import (
     read_config,
     save_model,
 )
-from wsiproto.model.masks import dense_crf, mask_scores, predict_masks, presence
+from wsiproto.model.masks import (
+    class_maps,
+    dense_crf,
+    gate_maps,
+    mask_scores,
+    predict_masks,
+    presence,
+)
 
 __all__ = [
     "BackboneConfig",
@@ -34,9 +41,11 @@ __all__ = [
     "DualProtoOutput",
     "DualProtoSeg",
     "build_config",
+    "class_maps",
     "create_model",
     "dense_crf",
     "evenly_spaced_blocks",
+    "gate_maps",
     "list_presets",
     "load_model",
     "load_preset",

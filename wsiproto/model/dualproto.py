@@ -334,11 +334,18 @@ class DualProtoSeg(nn.Module):
         ``cams=False`` skips the full-resolution CAMs (the loss needs only logits).
         """
         self._check_input(images)
-        merge = merge or ("mean" if self.training else "softmax")
         blocks = self.backbone.visual_features(images)
+        return self.forward_blocks(blocks, tuple(images.shape[2:]), cams=cams, merge=merge)
+
+    def forward_blocks(self, blocks: list[torch.Tensor], size: tuple[int, int], *,
+                       cams: bool = True, merge: str | None = None) -> DualProtoOutput:
+        """The head on precomputed backbone block outputs (``backbone.visual_features``: four
+        ``[B, width, h, w]`` grids, shallow first) for input images of ``size``; what training
+        from a feature cache runs."""
+        merge = merge or ("mean" if self.training else "softmax")
         blocks = blocks[::-1] if self.config.pyramid else blocks[-1:]  # deep -> coarse level
         bank = self.bank()
-        size = tuple(images.shape[2:])
+        size = (int(size[0]), int(size[1]))
         out = DualProtoOutput([], [], [], bank)
         for level, block in zip(self.levels, blocks):
             feats = level.features(self.refiner(block.to(self.refiner.inp.weight.dtype)), size)

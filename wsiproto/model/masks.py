@@ -110,6 +110,28 @@ def presence(model, probs: torch.Tensor, labels: torch.Tensor | None = None, *,
     return gate
 
 
+def class_maps(model, images: torch.Tensor, *, tta: bool = False,
+               flips: Sequence[str] = DEFAULT_FLIPS,
+               brightness: Sequence[float] = DEFAULT_BRIGHTNESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ungated class maps ``[B, C, H, W]`` (finest CAMs, ReLU, per-class min-max to [0, 1]) and
+    class probabilities ``[B, C]``: everything both protocols share, computed once."""
+    with _eval_mode(model), torch.inference_mode():
+        if not tta:
+            flips, brightness = ("none",), (1.0,)
+        cams, probs = _cams_and_probs(model, images, tuple(flips), tuple(brightness))
+        lo = cams.amin(dim=(2, 3), keepdim=True)
+        hi = cams.amax(dim=(2, 3), keepdim=True)
+        return (cams - lo) / (hi - lo).clamp_min(1e-6), probs
+
+
+def gate_maps(maps: torch.Tensor, gate: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Scores ``[B, C + 1, H, W]`` from class maps and a ``[B, C]`` presence gate: gated classes,
+    then background ``(1 - max_c) ** alpha``."""
+    maps = maps * gate[:, :, None, None].to(maps.dtype)
+    background = (1 - maps.amax(dim=1, keepdim=True)).clamp_min(0) ** alpha
+    return torch.cat([maps, background], dim=1)
+
+
 def mask_scores(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
                 tta: bool = False, alpha: float | None = None,
                 thresholds: Sequence[float] | None = None, keep_top: bool = True,
@@ -118,17 +140,10 @@ def mask_scores(model, images: torch.Tensor, labels: torch.Tensor | None = None,
     """Per-pixel scores ``[B, C + 1, H, W]`` (background last, each in [0, 1]) and the class
     probabilities ``[B, C]``. ``predict_masks`` is their argmax; tiling code may blend them."""
     alpha = model.config.mask_alpha if alpha is None else float(alpha)
-    with _eval_mode(model), torch.inference_mode():
-        if not tta:
-            flips, brightness = ("none",), (1.0,)
-        cams, probs = _cams_and_probs(model, images, tuple(flips), tuple(brightness))
-        lo = cams.amin(dim=(2, 3), keepdim=True)
-        hi = cams.amax(dim=(2, 3), keepdim=True)
-        cams = (cams - lo) / (hi - lo).clamp_min(1e-6)
+    maps, probs = class_maps(model, images, tta=tta, flips=flips, brightness=brightness)
+    with torch.inference_mode():
         gate = presence(model, probs, labels, thresholds=thresholds, keep_top=keep_top)
-        cams = cams * gate[:, :, None, None]
-        background = (1 - cams.amax(dim=1, keepdim=True)).clamp_min(0) ** alpha
-        return torch.cat([cams, background], dim=1), probs
+        return gate_maps(maps, gate, alpha), probs
 
 
 def predict_masks(model, images: torch.Tensor, labels: torch.Tensor | None = None, *,
