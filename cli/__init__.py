@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from wsiproto import __version__
 from wsiproto.errors import WsiprotoError
 
-from . import cohort, demo, info, sample, segment
+from . import cohort, demo, evaluate, info, pseudo_masks, sample, segment, train
 
-COMMANDS = (info, segment, cohort, sample, demo)
+COMMANDS = (info, segment, cohort, train, evaluate, pseudo_masks, sample, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

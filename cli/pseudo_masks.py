@@ -1,0 +1,54 @@
+"""``wsiproto pseudo-masks``: palette PNG pseudo masks of a training split."""
+
+from __future__ import annotations
+
+EXAMPLE = "wsiproto pseudo-masks --model runs/bcss --data BCSS-WSSS --out BCSS-WSSS/pseudo"
+
+
+def register(sub) -> None:
+    from . import add_command
+
+    p = add_command(sub, "pseudo-masks",
+                    "write pseudo masks of the training split (input of a second-stage segmenter)",
+                    EXAMPLE)
+    p.add_argument("--model", required=True, help="model folder or `wsiproto train` run folder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="folder for <patch stem>.png palette masks")
+    p.add_argument("--protocol", default="oracle", choices=("oracle", "predicted"),
+                   help="gate by each patch's image-level labels (oracle, default) or by the "
+                        "model's calibrated presence (predicted)")
+    p.add_argument("--kind", default="auto",
+                   choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"))
+    p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
+    p.add_argument("--tta", action="store_true", help="flip and brightness test-time augmentation")
+    p.add_argument("--crf", action="store_true", help="dense CRF refinement (needs wsiproto[crf])")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace masks made with other settings in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from wsiproto.data import open_dataset
+    from wsiproto.model import load_model
+    from wsiproto.pseudo_masks import write_pseudo_masks
+    from wsiproto.segment.predictor import resolve_model_dir
+    from wsiproto.train import resolve_device
+
+    folder = resolve_model_dir(args.model)
+    device = resolve_device(args.device)
+    model = load_model(folder, device=device)
+    data = open_dataset(args.data, "train", kind=args.kind, csv=args.csv,
+                        classes=model.config.classes)
+    with tqdm(total=len(data), desc="pseudo masks", unit="img", disable=args.quiet,
+              leave=False) as bar:
+        manifest = write_pseudo_masks(model, data, args.out, protocol=args.protocol, tta=args.tta,
+                                      crf=args.crf, batch_size=args.batch_size, device=device,
+                                      autocast=device.startswith("cuda"), overwrite=args.overwrite,
+                                      source=str(folder), progress=bar.update)
+    print(f"{manifest['masks']} pseudo masks in {args.out} ({manifest['written_now']} written now)")
+    return 0
