@@ -4,6 +4,7 @@ Torch-free at import: :mod:`wsiproto.data.transforms` imports torch only inside 
 functions.
 """
 
+from wsiproto.data.crops import build_mask_crops
 from wsiproto.data.datasets import (
     KINDS,
     LabelledPatches,
@@ -14,6 +15,7 @@ from wsiproto.data.datasets import (
     read_mask,
     read_rgb,
 )
+from wsiproto.data.mosaics import TILE_TO_BCSS, build_tile_mosaics
 from wsiproto.data.transforms import (
     BCSS_MEAN,
     BCSS_STD,
@@ -27,3 +29,4 @@ __all__ = [
     "MaskedPatches", "TrainTransform", "detect_kind", "open_dataset", "parse_label", "read_mask",
     "read_rgb",
 ]
+__all__ += ["TILE_TO_BCSS", "build_mask_crops", "build_tile_mosaics"]  # dataset builders
