@@ -236,6 +236,30 @@ def test_save_load_identical(tiny, tmp_path):
     assert torch.equal(predict_masks(tiny, images), predict_masks(loaded, images))
 
 
+def test_saved_token_table_is_compact_and_half_storage(tiny, tmp_path):
+    """Only the prompt tokens' embedding rows are stored (outputs stay bit-identical, see
+    test_save_load_identical); ``half`` halves the file again and stays close."""
+    from safetensors.torch import load_file
+
+    save_model(tiny, tmp_path / "full")
+    stored = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert "backbone.clip.token_embedding.weight" not in stored
+    rows = stored["backbone.clip.token_embedding.weight.rows_used"]
+    assert 0 < rows.numel() < 1000  # of a 49408-token vocabulary
+    assert set(rows.tolist()) == set(torch.unique(tiny.prompts.tokens).tolist())
+    save_model(tiny, tmp_path / "half", half=True)
+    size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert size < 0.55 * (tmp_path / "full" / "model.safetensors").stat().st_size
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["weights"]["stored_dtype"] == "float16"
+    loaded = load_model(tmp_path / "half")
+    images = _images(2, seed=4)
+    tiny.eval()
+    with torch.inference_mode():
+        a, b = tiny(images), loaded(images)
+    assert next(loaded.parameters()).dtype == torch.float32
+    torch.testing.assert_close(a.logits[-1], b.logits[-1], rtol=0.02, atol=0.02)
+
+
 def test_save_without_backbone(tmp_path):
     model = create_model("dualproto-tiny", seed=1, descriptions_per_class=1)
     towers = tmp_path / "towers.safetensors"
