@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--preset", default="dualproto-tiny",
                    help="model preset: dualproto-tiny (random towers) or dualproto-vitb16")
     p.add_argument("--pretrained", default=None, help="local open_clip weights file of the tower")
+    p.add_argument("--unfreeze", action="store_true",
+                   help="train the vision and text towers too (default: frozen, as the method)")
     p.add_argument("--kind", default="auto",
                    choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"),
                    help="dataset layout (auto: detected from file names and masks)")
@@ -56,7 +58,8 @@ def run(args) -> int:
 
     opts = TrainOptions(
         data=args.data, out=args.out, preset=args.preset, pretrained=args.pretrained,
-        kind=args.kind, csv=args.csv, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        unfreeze=args.unfreeze, kind=args.kind, csv=args.csv, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, workers=args.workers,
         resume=args.resume, overwrite=args.overwrite, val_split=args.val_split,
         select_by=args.select_by, max_val=args.max_val, cache_features=args.cache_features,

@@ -195,3 +195,40 @@ def evaluate_dataset(model, dataset, *, protocols: Sequence[str] = PROTOCOLS, tt
             progress(len(batch))
     return EvalResult(matrices, np.concatenate(all_probs), np.concatenate(all_labels),
                       names=list(model.config.classes.names) + [model.config.classes.background_name])
+
+
+def trivial_baselines(dataset, train_labels: np.ndarray) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices of two model-free predictions on a masked split, for comparison:
+
+    * ``majority`` (what any model must beat in the predicted protocol): every pixel is the
+      class carried by the most training images;
+    * ``oracle_fill`` (the same for the oracle protocol): every pixel is the image's own
+      ground-truth class that is most common in training (background when it has none).
+    """
+    c = dataset.num_classes
+    frequency = np.asarray(train_labels, np.float64).sum(0)
+    majority = int(frequency.argmax())
+    rank = np.argsort(-frequency, kind="stable")
+    out = {"majority": ConfusionMatrix(c), "oracle_fill": ConfusionMatrix(c)}
+    for i in range(len(dataset)):
+        _, mask = dataset[i]
+        out["majority"].update(mask, np.full_like(mask, majority))
+        present = mask_labels(mask, c)
+        fill = next((int(k) for k in rank if present[k] > 0), c)
+        out["oracle_fill"].update(mask, np.full_like(mask, fill))
+    return out
+
+
+def format_table(rows: dict[str, dict], names: Sequence[str]) -> str:
+    """A Markdown table: one row per result (``summary()`` dicts), per-class IoU, mIoU, mDice."""
+    head = "| | " + " | ".join(names) + " | mIoU | mDice | FwIoU |"
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for label, s in rows.items():
+        cells = [pct(s["IoU"].get(n)) for n in names] + [pct(s["mIoU"]), pct(s["mDice"]),
+                                                           pct(s["FwIoU"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -70,6 +70,7 @@ class TrainOptions:
     out: str
     preset: str = "dualproto-tiny"
     pretrained: str | None = None
+    unfreeze: bool = False
     kind: str = "auto"
     csv: str | None = None
     epochs: int | None = None
@@ -92,7 +93,8 @@ class TrainOptions:
     stop_after_steps: int | None = None
 
     # Settings that define the run; --resume refuses to continue with others.
-    IDENTITY = ("data", "preset", "pretrained", "kind", "csv", "epochs", "batch_size", "lr",
+    IDENTITY = ("data", "preset", "pretrained", "unfreeze", "kind", "csv", "epochs", "batch_size",
+                "lr",
                 "weight_decay", "poly_power", "seed", "val_split", "select_by", "max_val",
                 "cache_features", "cache_views")
 
@@ -278,8 +280,8 @@ class FeatureCache:
         import torch
 
         feats = torch.from_numpy(np.ascontiguousarray(self.array[indices, views]))
-        feats = feats.to(device=device, dtype=dtype)
-        return [feats[:, k] for k in range(feats.shape[1])]
+        feats = feats.to(device=device)
+        return [feats[:, k].to(dtype).contiguous() for k in range(feats.shape[1])]
 
 
 def _backbone_digest(model) -> str:
@@ -552,7 +554,7 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
 
     torch.manual_seed(opts.seed)
     model = create_model(opts.preset, classes=train_set.table, pretrained=opts.pretrained,
-                         seed=opts.seed)
+                         unfreeze=opts.unfreeze, seed=opts.seed)
     if opts.cache_features and not model.backbone.frozen:
         raise WsiprotoError("--cache-features needs a frozen backbone", hint="drop --cache-features")
     log = RunLog(run / "log.jsonl")

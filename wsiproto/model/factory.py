@@ -21,7 +21,9 @@ Everything that touches files lives here; the model modules only see configs and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -114,6 +116,19 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    """open_clip warns on the root logger when it builds a tower without weights; wsiproto
+    builds random towers on purpose (tests, benchmarks, the tiny preset)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None = None) -> ClipBackbone:
     """open_clip towers from the config, weights from the local file ``pretrained`` or random."""
     import pickle
@@ -127,8 +142,10 @@ def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None 
             name = config.open_clip_name
             if name not in open_clip.list_models():
                 raise WsiprotoError(f"open_clip has no architecture {name!r}")
-            clip = open_clip.create_model(name, pretrained=path, force_quick_gelu=config.quick_gelu,
-                                          weights_only=True)
+            quiet = _quiet_root_warnings() if path is None else contextlib.nullcontext()
+            with quiet:  # "No pretrained weights loaded": random towers were asked for
+                clip = open_clip.create_model(name, pretrained=path,
+                                              force_quick_gelu=config.quick_gelu, weights_only=True)
             tokenizer = open_clip.get_tokenizer(name)
         else:
             cfg = json.loads(json.dumps(config.open_clip_cfg))
