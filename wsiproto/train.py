@@ -288,7 +288,7 @@ def _backbone_digest(model) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in model.backbone.state_dict().items():
+    for name, t in model.backbone.clip.visual.state_dict().items():  # what the features depend on
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         h.update(str(float(t.float().sum())).encode())
@@ -574,11 +574,12 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
             (run / "log.jsonl").unlink()
         log.write("start", epoch=0, settings=settings, parameters=model.parameter_counts())
     else:
-        from safetensors.torch import load_file
+        from wsiproto.model import load_model
 
-        model.load_state_dict(load_file(str(run / "last" / "model.safetensors")))
-        thresholds = json.loads((run / "last" / "config.json").read_text())["masks"]["thresholds"]
-        model.config.thresholds = list(thresholds)
+        saved = load_model(run / "last")
+        model.load_state_dict(saved.state_dict())
+        model.config.thresholds = list(saved.config.thresholds)
+        del saved
         start_epoch, step, best = int(state["epoch"]), int(state["step"]), dict(state["best"])
         log.truncate_after(start_epoch)
         log.write("resume", epoch=start_epoch, step=step)
