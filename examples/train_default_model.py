@@ -86,8 +86,8 @@ made from held-out tiles only, so the test numbers below are on tissue the model
 ```
 
 Training took {train_s / 60:.0f} min on {os.cpu_count()} CPU cores ({cpu}).
-Retraining gives the same weights on the same software (seeded data order, augmentation and
-initialisation); other torch builds or CPUs may differ within noise.
+Retraining gives the same weights on the same software up to float rounding (seeded data
+order, augmentation and initialisation); other torch builds or CPUs may differ within noise.
 
 ## Held-out test mosaics ({SETTINGS['n_eval']} images, IoU %)
 
