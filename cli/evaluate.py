@@ -30,24 +30,33 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def open_model_and_split(args, split: str):
+    """``(model folder, device, model, dataset)`` for the commands that run a model over a split
+    (``--model``, ``--device``, ``--data``, ``--kind``, ``--csv``)."""
+    from wsiproto.data import open_dataset
+    from wsiproto.model import load_model
+    from wsiproto.segment.predictor import resolve_model_dir
+    from wsiproto.train import resolve_device
+
+    folder = resolve_model_dir(args.model)
+    device = resolve_device(args.device)
+    model = load_model(folder, device=device)
+    data = open_dataset(args.data, split, kind=args.kind, csv=args.csv,
+                        classes=model.config.classes)
+    return folder, device, model, data
+
+
 def run(args) -> int:
     import json
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from wsiproto.data import open_dataset
     from wsiproto.evaluate import evaluate_dataset
     from wsiproto.files import write_json_atomic
-    from wsiproto.model import load_model
-    from wsiproto.segment.predictor import resolve_model_dir
-    from wsiproto.train import default_workers, resolve_device
+    from wsiproto.train import default_workers
 
-    folder = resolve_model_dir(args.model)
-    device = resolve_device(args.device)
-    model = load_model(folder, device=device)
-    data = open_dataset(args.data, args.split, kind=args.kind, csv=args.csv,
-                        classes=model.config.classes)
+    folder, device, model, data = open_model_and_split(args, args.split)
     workers = default_workers() if args.workers is None else args.workers
     with tqdm(total=len(data), desc=f"evaluate {args.split} ({args.protocol})", unit="img",
               disable=args.quiet, leave=False) as bar:

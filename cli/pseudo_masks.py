@@ -33,17 +33,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from wsiproto.data import open_dataset
-    from wsiproto.model import load_model
     from wsiproto.pseudo_masks import write_pseudo_masks
-    from wsiproto.segment.predictor import resolve_model_dir
-    from wsiproto.train import resolve_device
 
-    folder = resolve_model_dir(args.model)
-    device = resolve_device(args.device)
-    model = load_model(folder, device=device)
-    data = open_dataset(args.data, "train", kind=args.kind, csv=args.csv,
-                        classes=model.config.classes)
+    from .evaluate import open_model_and_split
+
+    folder, device, model, data = open_model_and_split(args, "train")
     with tqdm(total=len(data), desc="pseudo masks", unit="img", disable=args.quiet,
               leave=False) as bar:
         manifest = write_pseudo_masks(model, data, args.out, protocol=args.protocol, tta=args.tta,

@@ -26,6 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
+from texture_sets import texture  # noqa: E402
+
 from wsiproto.classes import ClassInfo, ClassTable  # noqa: E402
 from wsiproto.model import create_model, predict_masks  # noqa: E402
 
@@ -36,22 +38,6 @@ TOY_CLASSES = ClassTable("toy", (
     ClassInfo("checker", (40, 160, 40), ("green checkerboard", "checkered green texture")),
     ClassInfo("speckle", (40, 40, 200), ("blue speckles", "speckled blue texture")),
 ))
-
-
-def _texture(kind: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    phase = rng.integers(0, 8, size=2)
-    if kind == 0:
-        on = ((yy + phase[0]) // 4) % 2 == 0
-        lo, hi = (200, 120, 130), (140, 40, 60)
-    elif kind == 1:
-        on = (((yy + phase[0]) // 6) + ((xx + phase[1]) // 6)) % 2 == 0
-        lo, hi = (150, 200, 150), (60, 130, 70)
-    else:
-        on = rng.random((h, w)) < 0.35
-        lo, hi = (170, 170, 220), (60, 60, 160)
-    img = np.where(on[..., None], np.array(hi, np.float32), np.array(lo, np.float32))
-    return img + rng.normal(0, 8, size=(h, w, 3))
 
 
 def make_toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,7 +52,7 @@ def make_toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         for kind in kinds:
             h, w = rng.integers(64, 150, size=2)
             y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
-            img[y:y + h, x:x + w] = _texture(int(kind), h, w, rng)
+            img[y:y + h, x:x + w] = texture(int(kind), h, w, rng)
             masks[i, y:y + h, x:x + w] = kind
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
         for k in range(3):
