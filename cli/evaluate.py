@@ -5,6 +5,17 @@ from __future__ import annotations
 EXAMPLE = "wsiproto evaluate --model runs/bcss --data BCSS-WSSS --split test --protocol oracle"
 
 
+def add_model_data_options(p) -> None:
+    """Options of the commands that run a model over a dataset split (evaluate, pseudo-masks)."""
+    p.add_argument("--kind", default="auto",
+                   choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"))
+    p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
+    p.add_argument("--tta", action="store_true", help="flip and brightness test-time augmentation")
+    p.add_argument("--crf", action="store_true", help="dense CRF refinement (needs wsiproto[crf])")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+
 def register(sub) -> None:
     from . import add_command
 
@@ -16,13 +27,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", default="predicted", choices=("predicted", "oracle"),
                    help="presence from the model's calibrated probabilities (predicted) or from "
                         "the ground-truth labels (oracle, the published protocol)")
-    p.add_argument("--kind", default="auto",
-                   choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"))
-    p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
-    p.add_argument("--tta", action="store_true", help="flip and brightness test-time augmentation")
-    p.add_argument("--crf", action="store_true", help="dense CRF refinement (needs wsiproto[crf])")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_model_data_options(p)
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
     p.add_argument("--save", default=None,
                    help="where to save the JSON (default: MODEL/eval-SPLIT-PROTOCOL[-tta][-crf].json)")

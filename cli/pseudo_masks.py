@@ -7,6 +7,7 @@ EXAMPLE = "wsiproto pseudo-masks --model runs/bcss --data BCSS-WSSS --out BCSS-W
 
 def register(sub) -> None:
     from . import add_command
+    from .evaluate import add_model_data_options
 
     p = add_command(sub, "pseudo-masks",
                     "write pseudo masks of the training split (input of a second-stage segmenter)",
@@ -17,13 +18,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", default="oracle", choices=("oracle", "predicted"),
                    help="gate by each patch's image-level labels (oracle, default) or by the "
                         "model's calibrated presence (predicted)")
-    p.add_argument("--kind", default="auto",
-                   choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"))
-    p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
-    p.add_argument("--tta", action="store_true", help="flip and brightness test-time augmentation")
-    p.add_argument("--crf", action="store_true", help="dense CRF refinement (needs wsiproto[crf])")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_model_data_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace masks made with other settings in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
