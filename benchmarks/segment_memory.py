@@ -4,8 +4,8 @@
 
 Each slide (square, ``--mpp`` um/px like a 40x scan, 3-level JPEG pyramid, H&E-like tissue on
 about half of it) is written once, then segmented in a fresh process whose peak RSS
-(``ru_maxrss``) is reported with the run's figures, including GeoJSON export (features/s, file
-size). Memory must not grow with the slide: the last line is
+(``ru_maxrss``) is reported with the run's figures, including the GeoJSON work (tracing in
+the chunk tasks, stitching and writing, what is left after the model; file size). Memory must not grow with the slide: the last line is
 ``rss_growth_40k_vs_10k=<peak RSS at the largest size / peak RSS at the smallest>``.
 """
 
@@ -75,10 +75,13 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         peaks[size] = r["peak_rss_mb"]
         t = r["timings"]
-        geo_rate = r["features"] / max(t["geojson_s"], 1e-9)
+        # GeoJSON work: tracing inside the chunk tasks (CPU s), stitching + writing on its own
+        # thread during the run, and what was left after the model
         print(f"{size:>6} px^2: peak RSS {r['peak_rss_mb']:7.0f} MB  wall {r['wall_s']:6.1f} s  "
-              f"tiles {r['tiles']:6d}  GeoJSON {r['features']} features in {t['geojson_s']:.1f} s "
-              f"({geo_rate:.0f} features/s, {r['geojson_mb']:.1f} MB)", flush=True)
+              f"tiles {r['tiles']:6d}  GeoJSON {r['features']} features ({r['geojson_mb']:.1f} "
+              f"MB): trace {t.get('chunk_trace_s', 0):.1f} s cpu, stitch+write "
+              f"{t.get('geojson_busy_s', t['geojson_s']):.1f} s, after model "
+              f"{t['geojson_s']:.1f} s", flush=True)
     small, large = min(peaks), max(peaks)
     print(f"rss_growth_{large // 1000}k_vs_{small // 1000}k={peaks[large] / peaks[small]:.3f}")
 

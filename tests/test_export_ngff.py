@@ -212,3 +212,54 @@ def test_existing_store_and_bad_input(tmp_path):
     with pytest.raises(WsiprotoError, match="NGFF version"):
         SlidePyramidWriter(tmp_path / "y", height=9, width=9, mpp=1.0, classes=CLASSES,
                            ngff_version="0.3")
+
+
+def test_mode_downsample_fast_paths_match_the_plain_rule():
+    """The lookup-table path (< 16 values), the scoring path (other values) and odd edges give
+    what the plain rule (count, then non-zero, then smaller value) gives."""
+    from wsiproto.export.ngff import _mode_general
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        top = int(rng.choice([2, 5, 16, 256]))
+        lab = rng.integers(0, top, (h, w)).astype(np.uint8)
+        np.testing.assert_array_equal(mode_downsample(lab), _mode_general(lab), err_msg=str(trial))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_blocks_with_inline_levels_equal_the_pyramid_built_afterwards(tmp_path, probabilities):
+    """write_block(levels=k) fills levels 1..k from each block, build_pyramid(start=k+1) the
+    rest: the same arrays as writing level 0 and building every level from it."""
+    h, w, block = 1900, 2300, 4 * CHUNK  # odd edges, blocks of 4x4 zarr chunks
+    rng = np.random.default_rng(1)
+    lab = rng.integers(0, 4, (h // 8 + 1, w // 8 + 1)).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    lab = lab[:h, :w].copy()
+    lab[rng.random((h, w)) < 0.05] = 2
+    rgb = rng.integers(0, 255, (h, w, 3)).astype(np.uint8)
+    probs = rng.integers(0, 255, (len(CLASSES), h, w)).astype(np.uint8)
+    kw = {"height": h, "width": w, "mpp": MPP, "classes": CLASSES, "chunk": CHUNK,
+          "probabilities": probabilities}
+    inline = SlidePyramidWriter(tmp_path / "inline.ome.zarr", **kw)
+    plain = SlidePyramidWriter(tmp_path / "plain.ome.zarr", **kw)
+    levels = inline.inline_levels(block)
+    assert levels == 2 and inline.num_levels == 3
+    skipped = {(block, 0)}  # a block without tissue is never written
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            if (y0, x0) in skipped:
+                continue
+            ys, xs = slice(y0, y0 + block), slice(x0, x0 + block)
+            p = probs[:, ys, xs] if probabilities else None
+            inline.write_block(y0, x0, lab[ys, xs], rgb=rgb[ys, xs], probs=p, levels=levels)
+            plain.write_block(y0, x0, lab[ys, xs], rgb=rgb[ys, xs], probs=p, levels=0)
+    inline.build_pyramid(start=levels + 1)
+    plain.build_pyramid()
+    for k in range(inline.num_levels):
+        np.testing.assert_array_equal(inline.read_level(k), plain.read_level(k))
+        np.testing.assert_array_equal(inline.image_array(k)[...], plain.image_array(k)[...])
+        if probabilities:
+            np.testing.assert_array_equal(inline.probability_array(k)[...],
+                                          plain.probability_array(k)[...])
+    with pytest.raises(ValueError, match="aligned"):
+        inline.write_block(CHUNK, 0, lab[:CHUNK, :CHUNK], levels=2)

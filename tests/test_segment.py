@@ -189,6 +189,46 @@ def test_resume_after_a_crash_is_identical(reference_run, layout_slide, tmp_path
     assert any("resuming: 2 of" in m for m in messages)
     assert summary["chunks"]["run_now"] == summary["chunks"]["with_tissue"] - 2
     np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))
+    # the chunks traced before the crash (their saved traces) and after it: the same GeoJSON
+    assert features_without_ids(tmp_path) == features_without_ids(out)
+    assert summary["class_area_mm2"] == reference_run[1]["class_area_mm2"]
+    for level in range(1, 3):
+        np.testing.assert_array_equal(labels_of(tmp_path, level=level),
+                                      labels_of(out, level=level))
+
+
+def features_without_ids(out, stem="layout") -> list[str]:
+    data = json.loads((out / stem / f"{stem}.geojson").read_text())
+    return sorted(json.dumps({k: v for k, v in f.items() if k != "id"}, sort_keys=True)
+                  for f in data["features"])
+
+
+def test_geojson_traced_in_the_chunk_tasks_equals_tracing_the_labels(reference_run):
+    """The polygons traced inside the chunk tasks and stitched across chunk seams are the ones
+    a single pass over the finished label map gives (on another block grid)."""
+    from shapely import normalize
+    from shapely.geometry import shape
+
+    from wsiproto.export.geojson import GeoJSONWriter
+
+    out, summary = reference_run
+    labels = labels_of(out)
+    classes = [(v["value"], v["name"], tuple(v["color"])) for v in summary["labels"][1:-1]]
+    path = out / "retraced.geojson"
+    with GeoJSONWriter(path, classes=classes, scale=1.0, mpp=MPP, chunk_shape=(700, 700),
+                       label_shape=labels.shape, rows_in_order=True) as gj:
+        for y0 in range(0, labels.shape[0], 700):
+            for x0 in range(0, labels.shape[1], 700):
+                gj.add_chunk(y0, x0, labels[y0 : y0 + 700, x0 : x0 + 700])
+
+    def polygons(p):
+        return sorted((f["properties"]["classification"]["name"],
+                       normalize(shape(f["geometry"])).wkt,
+                       json.dumps(f["properties"]["measurements"], sort_keys=True))
+                      for f in json.loads(p.read_text())["features"])
+
+    assert polygons(out / "layout" / "layout.geojson") == polygons(path)
+    path.unlink()
 
 
 def test_rerun_is_a_no_op_and_other_configs_need_overwrite(layout_slide, tmp_path):

@@ -1,20 +1,21 @@
-"""QuPath GeoJSON of a class-label map, traced chunk by chunk and dissolved across chunk seams.
+"""QuPath GeoJSON of a class-label map, traced block by block and joined across block seams.
 
-Tracing: ``rasterio.features.shapes`` (GDAL polygonize) on each chunk, 4-connected, per class
-value != 0. Its polygons follow pixel edges exactly and keep holes (OpenCV contours run through
-pixel centres, shrink regions by half a pixel and can self-intersect). Two pixels of one class
-that touch only at a corner are two objects, inside a chunk and across seams alike.
+Tracing (:mod:`wsiproto.export.trace`): vectorised numpy, pixel-exact, 4-connected, per class
+value != 0. Polygons follow pixel edges exactly and keep holes; two pixels of one class that
+touch only at a corner are two objects, inside a block and across seams alike.
 
-Seams: a polygon that touches an *internal* chunk seam (a chunk edge that is not the border of
-the label map) may continue in the neighbouring chunk. Those polygons are held in memory, per
-class. Every other polygon is final at once and is written to the output stream straight away.
-When blocks arrive row by row (as ``SlidePyramidWriter.iter_label_chunks`` yields them), each
-new row first settles the rows above it: held polygons are grouped into connected components
-(shells that intersect), and a component that does not reach the new row's top seam can no
-longer grow, so it is unioned (``dissolve``) and written. Memory is therefore bounded by the
-chunk being traced plus the held polygons of components still open at the current row (regions
-crossing that row boundary), never by the number of objects on the slide nor by the number of
-rows. Blocks out of row order are accepted too; then everything held waits for ``close``.
+Blocks can be traced anywhere (``trace_block``, e.g. inside the chunk tasks of a segmentation
+run, while the model works on other tiles): a block's *closed* polygons (their region does not
+touch an internal seam) are serialised to GeoJSON text right there; the rest is kept as
+*chains* (ring pieces between seam vertices), hole rings and the block's edge pixels. The
+writer (``GeoJSONWriter.add_trace``) copies the text to the output and hands the rest to a
+:class:`~wsiproto.export.trace.SeamStitcher`, which joins the chains of neighbouring blocks
+with the same turn rule as the tracer, so a region crossing seams comes out exactly as if the
+map had been traced in one piece (no polygon union). With ``rows_in_order=True`` (blocks
+arrive row by row, as ``SlidePyramidWriter.iter_label_chunks`` yields them and as
+``segment_slide`` feeds them) each new row lets the rows above be stitched and written, so
+memory is bounded by one block plus the regions still open at the current row, never by the
+number of objects on the slide; otherwise everything open waits for ``close``.
 
 Output (QuPath >= 0.4 conventions): a ``FeatureCollection`` written feature by feature to
 ``<path>.part`` (through gzip for ``.geojson.gz``) and renamed into place by ``close``; an
@@ -27,9 +28,12 @@ the final name unfinished. Each feature::
                     "measurements": {"Area px^2": ..., "Area µm^2": ..., "Perimeter µm": ...}}}
 
 Coordinates are level-0 pixels of the slide's bounds-cropped frame (label px x ``scale``),
-rounded to 0.01 px; geometry is made valid (polygonal parts only), holes kept, one Polygon per
-connected region. Areas come from the exact label-grid polygon (px^2 of level 0, and µm^2 when
-``mpp`` is given); the perimeter counts pixel edges (a staircase, not a smoothed outline).
+rounded to 0.01 px; geometry is valid (a ring touching itself at a corner goes through
+make_valid, polygonal parts only), holes kept, one Polygon per connected region. Areas come
+from the exact label-grid polygon (px^2 of level 0, and µm^2 when ``mpp`` is given); the
+perimeter counts pixel edges (a staircase, not a smoothed outline). The text is produced the
+way ``json.dumps(feature, separators=(",", ":"))`` would write it, from per-coordinate string
+tables instead of per-vertex float formatting.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import json
 import os
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,14 @@ import shapely
 from shapely.geometry import Polygon, mapping
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.export.trace import (
+    BlockTrace,
+    Rings,
+    SeamStitcher,
+    ring_area2,
+    split_pinches,
+    trace_labels,
+)
 
 ClassTable = list[tuple[int, str, tuple[int, int, int]]]
 OBJECT_TYPES = ("annotation", "detection")
@@ -65,121 +76,229 @@ def polygon_parts(geom) -> list[Polygon]:
     return [p for g in parts for p in polygon_parts(g) if p.area > 0]
 
 
-def _drop_collinear(ring) -> np.ndarray:
-    """A closed rectilinear ring without the vertices in the middle of straight runs (GDAL puts
-    one at every pixel corner); the geometry is unchanged."""
-    pts = np.asarray(ring, dtype=np.float64)[:-1]
-    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
-    straight = ((prev[:, 0] == pts[:, 0]) & (pts[:, 0] == nxt[:, 0])) | \
-        ((prev[:, 1] == pts[:, 1]) & (pts[:, 1] == nxt[:, 1]))
-    pts = pts[~straight]
-    return np.concatenate([pts, pts[:1]])
-
-
-def trace_block(labels: np.ndarray, y0: int, x0: int, values) -> list[tuple[int, Polygon]]:
-    """Pixel-exact polygons ``(value, polygon)`` of the given class values in one block.
-
-    Coordinates are label-grid pixels of the whole map: (x0 + column, y0 + row) of pixel corners.
-    """
-    from affine import Affine
-    from rasterio.features import shapes
-
-    mask = np.isin(labels, list(values))
-    if not mask.any():
-        return []
-    transform = Affine(1.0, 0.0, float(x0), 0.0, 1.0, float(y0))
-    geoms, vals = [], []
-    for geom, value in shapes(labels, mask=mask, connectivity=4, transform=transform):
-        rings = [_drop_collinear(r) for r in geom["coordinates"]]
-        geoms.append(Polygon(rings[0], rings[1:]))
-        vals.append(int(value))
-    valid = shapely.is_valid(np.asarray(geoms, dtype=object))
-    out = []
-    for value, poly, ok in zip(vals, geoms, valid):
-        # A region touching itself at a pixel corner can come out as an invalid ring.
-        parts = [poly] if ok else polygon_parts(poly)
-        out.extend((value, part) for part in parts)
+def _pinched_rings(rings: list[np.ndarray]) -> np.ndarray:
+    """For each (unclosed, integer) ring: does it pass through one vertex twice?"""
+    sizes = [len(r) for r in rings]
+    xy = np.concatenate(rings).astype(np.int64)
+    ring = np.repeat(np.arange(len(rings)), sizes)
+    keys = np.sort((ring << 42) | (xy[:, 0] << 21) | xy[:, 1])
+    dup = np.flatnonzero(keys[1:] == keys[:-1])
+    out = np.zeros(len(rings), bool)
+    out[keys[dup] >> 42] = True
     return out
 
 
-def dissolve(polys: list[Polygon]) -> list[Polygon]:
-    """Union polygons of one class traced in different chunks; one Polygon per connected part.
+class FeatureFormatter:
+    """Serialises label-grid polygons as QuPath GeoJSON features (see module doc).
 
-    The union runs on the filled shells only, and the holes are put back afterwards: a hole of a
-    traced polygon never touches its chunk's edge (there it would be a bay), so the union cannot
-    change it, and no other held polygon of the class lies inside it (that one would not touch a
-    seam either). Unions of shells are much cheaper than unions of polygons with thousands of
-    holes (lymphocytes in stroma). GEOS overlay output is valid, so parts are not re-checked.
-    """
-    if not polys:
-        return []
-    holes = [Polygon(ring) for p in polys for ring in p.interiors]
-    merged = shapely.unary_union([Polygon(p.exterior) for p in polys])
-    parts = list(getattr(merged, "geoms", [merged]))
-    parts = [p for p in parts if p.geom_type == "Polygon" and not p.is_empty]
-    if holes:
-        tree = shapely.STRtree(holes)
-        hole_idx, part_idx = tree.query(parts, predicate="contains")[::-1]
-        by_part: dict[int, list] = defaultdict(list)
-        for h, p in zip(hole_idx.tolist(), part_idx.tolist()):
-            by_part[p].append(holes[h].exterior)
-        parts = [Polygon(p.exterior, list(p.interiors) + by_part.get(i, []))
-                 for i, p in enumerate(parts)]
-    return [shapely.simplify(p, 0) for p in parts]
-
-
-def _components(polys: list[Polygon]) -> list[list[int]]:
-    """Indices of ``polys`` grouped by connectivity of their shells (touching counts)."""
-    shells = [Polygon(p.exterior) for p in polys]
-    parent = list(range(len(polys)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    left, right = shapely.STRtree(shells).query(shells, predicate="intersects")
-    for a, b in zip(left.tolist(), right.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(polys)):
-        groups[find(i)].append(i)
-    return list(groups.values())
-
-
-class GeoJSONWriter:
-    """Streamed, seam-dissolving QuPath GeoJSON writer (see module doc).
-
-    ``classes``: ``(value, name, (r, g, b))`` of the label values to export (others are ignored).
-    ``scale``: level-0 slide pixels per label pixel. ``mpp``: level-0 µm per pixel, or None for
-    pixel measurements only. ``chunk_shape``: the label grid the blocks are cut from (block
-    origins must lie on it). ``label_shape``: (H, W) of the whole label map; block edges on its
-    border are not seams. Use as a context manager, or call ``close`` / ``abort``.
+    ``classes``: ``(value, name, (r, g, b))``; ``scale``: level-0 px per label px; ``mpp``:
+    level-0 µm per px or None; ``label_shape``: (H, W) of the label map (sizes the coordinate
+    string tables, one entry per grid line).
     """
 
-    def __init__(self, path, *, classes: ClassTable, scale: float, object_type: str = "annotation",
-                 gzip: bool = False, mpp: float | None = None, chunk_shape: tuple[int, int],
-                 label_shape: tuple[int, int]):
+    def __init__(self, classes: ClassTable, scale: float, object_type: str = "annotation",
+                 mpp: float | None = None, label_shape: tuple[int, int] = (0, 0)):
         if object_type not in OBJECT_TYPES:
             raise WsiprotoError(f"unknown object type {object_type!r}",
                                 hint="use annotation or detection")
         if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        self.path = Path(path)
-        self.part = self.path.with_name(self.path.name + ".part")
         self.classes = {int(v): (str(n), [int(c) for c in rgb]) for v, n, rgb in classes}
+        self.values = sorted(self.classes)
         self.scale = float(scale)
         self.object_type = object_type
         self.mpp = None if mpp is None else float(mpp)
-        self.chunk_shape = (int(chunk_shape[0]), int(chunk_shape[1]))
         self.label_shape = (int(label_shape[0]), int(label_shape[1]))
-        self._held: dict[int, list[Polygon]] = defaultdict(list)
-        self._row_y0 = 0  # top of the block row being traced
-        self._row_order = True  # blocks so far came row by row
+        self._props = {}
+        for v, (name, color) in self.classes.items():
+            head = json.dumps({"objectType": object_type, "isLocked": False,
+                               "classification": {"name": name, "color": color}},
+                              separators=(",", ":"))
+            self._props[v] = head[:-1] + ',"measurements":'
+        self._keys = [json.dumps(k) for k in ("Area px^2", "Area µm^2", "Perimeter µm")]
+        # Coordinates are np.round(i * scale, 2), as numpy rounds them. That is strictly
+        # increasing in i for scale >= 0.01, so it keeps the
+        # order of all coordinates, hence the topology: valid polygons stay valid. Smaller
+        # scales go through shapely and make_valid.
+        self.exact = self.scale >= 0.01
+        H, W = self.label_shape
+        self._xs = self._ys = None
+        if self.exact:
+            xs = np.round(np.arange(W + 1) * self.scale, 2).tolist()
+            ys = np.round(np.arange(H + 1) * self.scale, 2).tolist()
+            self._xs = np.array(["[" + repr(x) for x in xs], dtype=object)
+            self._ys = np.array([repr(y) + "]" for y in ys], dtype=object)
+
+    # ------------------------------------------------------------------ pieces of a feature
+    def _measurements(self, area: float, length: float) -> str:
+        out = f"{{{self._keys[0]}:{round(area * self.scale ** 2, 4)!r}"
+        if self.mpp is not None:
+            um = self.scale * self.mpp
+            out += (f",{self._keys[1]}:{round(area * um ** 2, 4)!r}"
+                    f",{self._keys[2]}:{round(length * um, 4)!r}")
+        return out + "}"
+
+    @staticmethod
+    def _head() -> str:
+        return ('\n{"type":"Feature","id":"' + str(uuid.uuid4())
+                + '","geometry":{"type":"Polygon","coordinates":[')
+
+    def _tail(self, value: int, area: float, length: float) -> str:
+        return "]}," + '"properties":' + self._props[value] + \
+            self._measurements(area, length) + "}}"
+
+    def _slow(self, value: int, rings: list[np.ndarray]) -> list[str]:
+        """Features of a polygon through shapely (make_valid; tiny scales)."""
+        poly = Polygon(rings[0], rings[1:])
+        out = []
+        for part in polygon_parts(poly):
+            if self.exact:
+                geoms = [[np.round(shapely.get_coordinates(r) * self.scale, 2).tolist()
+                          for r in (part.exterior, *part.interiors)]]
+            else:
+                scaled = shapely.transform(part, lambda xy: np.round(xy * self.scale, 2))
+                geoms = [mapping(p)["coordinates"] for p in polygon_parts(scaled)]
+            for coords in geoms:
+                geometry = json.dumps({"type": "Polygon", "coordinates": coords},
+                                      separators=(",", ":"))
+                out.append(self._head()[: -len('{"type":"Polygon","coordinates":[')]
+                           + geometry + "," + '"properties":' + self._props[value]
+                           + self._measurements(part.area, part.length) + "}}")
+        return out
+
+    # ------------------------------------------------------------------ public
+    def feature(self, value: int, rings: list[np.ndarray]) -> list[str]:
+        """Feature texts (each starting with a newline) of one polygon: integer label-grid
+        rings, unclosed, outer first. Usually one; more when make_valid splits it.
+
+        A ring touching itself at a corner (invalid as it is) is cut there into loops: the
+        outer ring's loops are its outer ring and holes touching it at one point, a hole's are
+        holes touching each other, which is valid. Anything else goes through make_valid."""
+        if not self.exact:
+            return self._slow(value, rings)
+        pinched = _pinched_rings(rings)
+        if pinched.any():
+            loops = [lp for r, p in zip(rings, pinched)
+                     for lp in (split_pinches(r) if p else [r])]
+            shells = [lp for lp in loops if ring_area2(lp) > 0]
+            if len(shells) != 1:
+                return self._slow(value, rings)
+            rings = shells + [lp for lp in loops if ring_area2(lp) < 0]
+        sizes = np.array([len(r) for r in rings])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        xy = np.concatenate(rings).astype(np.int64)
+        # closed rings: every ring's first vertex again at its end
+        closed_sizes = sizes + 1
+        offsets = np.concatenate([[0], np.cumsum(closed_sizes)])
+        idx = np.repeat(starts - offsets[:-1], closed_sizes) + np.arange(offsets[-1])
+        idx[offsets[1:] - 1] = starts
+        c = xy[idx]
+        dx, dy = np.diff(c[:, 0]), np.diff(c[:, 1])
+        inner = np.ones(len(dx), bool)
+        inner[offsets[1:-1] - 1] = False  # the step from one ring to the next
+        area = float((c[:-1, 0] * c[1:, 1] - c[1:, 0] * c[:-1, 1])[inner].sum()) / 2
+        length = float((np.abs(dx) + np.abs(dy))[inner].sum())
+        tokens = np.empty(2 * len(c), object)
+        tokens[0::2] = self._xs[c[:, 0]]
+        tokens[1::2] = self._ys[c[:, 1]]
+        first, last = 2 * offsets[:-1], 2 * offsets[1:] - 1
+        tokens[first] = "[" + tokens[first]
+        tokens[last] = tokens[last] + "]"
+        tokens[0] = self._head() + tokens[0]
+        tokens[-1] = tokens[-1] + self._tail(value, area, length)
+        return [",".join(tokens.tolist())]
+
+    def polygons(self, rings: Rings) -> tuple[str, dict[int, int]]:
+        """Text of many polygons (features joined by ","; each starts with a newline) and the
+        number of features per class value."""
+        counts: dict[int, int] = {}
+        if len(rings) == 0:
+            return "", counts
+        slow = rings.poly_pinched | (not self.exact)
+        texts = []
+        if slow.any():
+            for i in np.flatnonzero(slow):
+                v = int(rings.poly_value[i])
+                feats = self.feature(v, rings.polygon_rings(int(i)))
+                counts[v] = counts.get(v, 0) + len(feats)
+                texts.append(",".join(feats))
+        fast = np.flatnonzero(~slow)
+        if len(fast):
+            keep = np.flatnonzero(~slow[rings.ring_poly])
+            starts, ends = rings.ring_start[keep], rings.ring_start[keep + 1]
+            sizes = ends - starts + 1  # closed rings: the first vertex again at the end
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            idx = np.repeat(starts - offsets[:-1], sizes) + np.arange(offsets[-1])
+            idx[offsets[1:] - 1] = starts
+            xy = rings.coords[idx]
+            tokens = np.empty(2 * len(xy), object)
+            tokens[0::2] = self._xs[xy[:, 0]]
+            tokens[1::2] = self._ys[xy[:, 1]]
+            first, last = 2 * offsets[:-1], 2 * offsets[1:] - 1
+            tokens[first] = "[" + tokens[first]
+            tokens[last] = tokens[last] + "]"
+            poly = rings.ring_poly[keep]
+            new_poly = np.r_[True, poly[1:] != poly[:-1]]
+            p_first = first[new_poly]
+            p_last = last[np.r_[new_poly[1:], True]]
+            values = rings.poly_value[fast]
+            heads = np.array([self._head() for _ in range(len(fast))], dtype=object)
+            tails = np.array([self._tail(int(v), float(a), float(le)) for v, a, le in
+                              zip(values, rings.poly_area[fast], rings.poly_length[fast])],
+                             dtype=object)
+            tokens[p_first] = heads + tokens[p_first]
+            tokens[p_last] = tokens[p_last] + tails
+            texts.append(",".join(tokens.tolist()))
+            vals, n = np.unique(values, return_counts=True)
+            for v, k in zip(vals.tolist(), n.tolist()):
+                counts[v] = counts.get(v, 0) + k
+        return ",".join(t for t in texts if t), counts
+
+
+def trace_block(labels: np.ndarray, y0: int, x0: int, formatter: FeatureFormatter,
+                pixel_counts: bool = False, scratch: dict | None = None) -> BlockTrace:
+    """Trace one block of labels at label-grid position (y0, x0) of the formatter's map and
+    serialise its closed polygons; the result goes to ``GeoJSONWriter.add_trace`` (possibly
+    after ``BlockTrace.save``/``load``). Thread-safe (give each thread its own ``scratch``
+    dict, where work arrays are kept between calls); meant to run inside chunk tasks."""
+    labels = np.ascontiguousarray(labels)
+    if labels.dtype != np.uint8:
+        labels = labels.astype(np.uint8)
+    trace = trace_labels(labels, y0, x0, formatter.values, label_shape=formatter.label_shape,
+                         scratch=scratch)
+    trace.text, trace.counts = formatter.polygons(trace.closed)
+    trace.closed = None
+    if pixel_counts:
+        trace.pixel_counts = np.bincount(labels.ravel(), minlength=256)
+    return trace
+
+
+class GeoJSONWriter:
+    """Streamed, seam-stitching QuPath GeoJSON writer (see module doc).
+
+    ``classes``: ``(value, name, (r, g, b))`` of the label values to export (others are ignored).
+    ``scale``: level-0 slide pixels per label pixel. ``mpp``: level-0 µm per pixel, or None for
+    pixel measurements only. ``chunk_shape``: the block grid (block origins must lie on it).
+    ``label_shape``: (H, W) of the whole label map; block edges on its border are not seams.
+    ``rows_in_order``: blocks come row by row (a block of an earlier grid row is then an
+    error), so finished rows are stitched and written as the next one starts. Use as a context
+    manager, or call ``close`` / ``abort``.
+    """
+
+    def __init__(self, path, *, classes: ClassTable, scale: float, object_type: str = "annotation",
+                 gzip: bool = False, mpp: float | None = None, chunk_shape: tuple[int, int],
+                 label_shape: tuple[int, int], rows_in_order: bool = False):
+        self.formatter = FeatureFormatter(classes, scale, object_type, mpp, label_shape)
+        self.path = Path(path)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.classes = self.formatter.classes
+        self.scale = self.formatter.scale
+        self.chunk_shape = (int(chunk_shape[0]), int(chunk_shape[1]))
+        self.label_shape = self.formatter.label_shape
+        self.rows_in_order = bool(rows_in_order)
+        self._stitcher = SeamStitcher(self.label_shape, self.chunk_shape, self._emit)
         self._seen: set[tuple[int, int]] = set()
+        self._scratch: dict = {}  # tracing work arrays, reused from block to block
         self._counts: dict[str, int] = {n: 0 for n, _ in self.classes.values()}
         self._t0 = time.perf_counter()
         self._closed = False
@@ -212,106 +331,62 @@ class GeoJSONWriter:
             raise ValueError(f"block origin ({y0}, {x0}) is not on the {ch}x{cw} chunk grid")
         if y0 < 0 or x0 < 0 or y0 + shape[0] > H or x0 + shape[1] > W:
             raise ValueError(f"block ({y0}, {x0}) + {shape} lies outside the {H}x{W} label map")
+        if shape[0] != min(ch, H - y0) or shape[1] != min(cw, W - x0):
+            raise ValueError(f"block ({y0}, {x0}) has shape {shape}, not a whole grid cell")
         if (y0, x0) in self._seen:
             raise ValueError(f"block ({y0}, {x0}) was already added")
+        if self.rows_in_order and y0 // ch < self._stitcher.next_row:
+            raise ValueError(f"block ({y0}, {x0}) comes after its row (rows_in_order=True)")
         self._seen.add((y0, x0))
-
-    def _touches_seam(self, poly: Polygon, y0: int, x0: int, h: int, w: int) -> bool:
-        H, W = self.label_shape
-        minx, miny, maxx, maxy = poly.bounds
-        return ((miny <= y0 and y0 > 0) or (maxy >= y0 + h and y0 + h < H)
-                or (minx <= x0 and x0 > 0) or (maxx >= x0 + w and x0 + w < W))
 
     def add_chunk(self, y0: int, x0: int, labels: np.ndarray) -> None:
         """Trace one block of labels (uint8 [h, w]) at label-grid position (y0, x0)."""
         if self._closed:
             raise ValueError("add_chunk after close/abort")
-        labels = np.ascontiguousarray(labels)
+        labels = np.asarray(labels)
         self._check_block(y0, x0, labels.shape)
-        if labels.dtype != np.uint8:
-            labels = labels.astype(np.uint8)
-        h, w = labels.shape
-        if y0 < self._row_y0:
-            self._row_order = False  # a block above the current row: settle nothing early
-        elif y0 > self._row_y0:
-            if self._row_order:
-                self._settle_above(y0)
-            self._row_y0 = y0
-        for value, poly in trace_block(labels, y0, x0, self.classes):
-            if self._touches_seam(poly, y0, x0, h, w):
-                self._held[value].append(poly)
-            else:
-                self._write_feature(value, poly)
+        self._add(trace_block(labels, y0, x0, self.formatter, scratch=self._scratch))
+
+    def add_trace(self, trace: BlockTrace) -> None:
+        """Add a block traced by ``trace_block`` (with this writer's classes, scale, ...)."""
+        if self._closed:
+            raise ValueError("add_trace after close/abort")
+        self._check_block(trace.y0, trace.x0, trace.shape)
+        self._add(trace)
+
+    def _add(self, trace: BlockTrace) -> None:
+        if self.rows_in_order:
+            row = trace.y0 // self.chunk_shape[0]
+            while self._stitcher.next_row < row:
+                self._stitcher.finish_row()
+        if trace.text:
+            self._write_text(trace.text)
+        for v, n in trace.counts.items():
+            self._counts[self.classes[v][0]] += n
+        self._stitcher.add(trace)
 
     # ------------------------------------------------------------------ output
-    def _measurements(self, poly: Polygon) -> dict:
-        area_px = poly.area * self.scale**2
-        out = {"Area px^2": round(area_px, 4)}
-        if self.mpp is not None:
-            um = self.scale * self.mpp
-            out["Area µm^2"] = round(poly.area * um**2, 4)
-            out["Perimeter µm"] = round(poly.length * um, 4)
-        return out
+    def _write_text(self, text: str) -> None:
+        self._fh.write(text if self._first else "," + text)
+        self._first = False
 
-    def _geometry(self, poly: Polygon) -> list[dict]:
-        """GeoJSON Polygon dicts of a label-grid polygon in level-0 px, rounded to 0.01.
+    def _emit(self, value: int, rings: list[np.ndarray]) -> None:
+        feats = self.formatter.feature(value, rings)
+        self._write_text(",".join(feats))
+        self._counts[self.classes[value][0]] += len(feats)
 
-        Our polygons are rectilinear with integer vertices. ``round(i * scale, 2)`` is strictly
-        increasing in ``i`` for scale >= 0.01, so it keeps the order of all x and of all y
-        coordinates, hence the topology: a valid input stays valid and needs no (costly) check.
-        Smaller scales go through make_valid. Coordinates are built with numpy, not per vertex.
-        """
-        if self.scale < 0.01:
-            scaled = shapely.transform(poly, lambda xy: np.round(xy * self.scale, 2))
-            return [mapping(p) for p in polygon_parts(scaled)]
-        rings = [poly.exterior, *poly.interiors]
-        coords = [np.round(shapely.get_coordinates(r) * self.scale, 2).tolist() for r in rings]
-        return [{"type": "Polygon", "coordinates": coords}]
-
-    def _write_feature(self, value: int, poly: Polygon) -> None:
-        name, color = self.classes[value]
-        props = {"objectType": self.object_type, "isLocked": False,
-                 "classification": {"name": name, "color": color},
-                 "measurements": self._measurements(poly)}
-        for geometry in self._geometry(poly):
-            feature = {"type": "Feature", "id": str(uuid.uuid4()),
-                       "geometry": geometry, "properties": props}
-            self._fh.write(("\n" if self._first else ",\n")
-                           + json.dumps(feature, separators=(",", ":")))
-            self._first = False
-            self._counts[name] += 1
-
-    def _settle_above(self, y_seam: int) -> None:
-        """Write the held components that end above the seam at ``y_seam`` (they cannot grow).
-
-        Components are found on the traced polygons themselves (never on earlier unions), so
-        ``dissolve``'s hole rule stays exact.
-        """
-        for value in list(self._held):
-            polys = self._held[value]
-            if not polys:
-                continue
-            keep = []
-            for component in _components(polys):
-                if max(polys[i].bounds[3] for i in component) < y_seam:
-                    for part in dissolve([polys[i] for i in component]):
-                        self._write_feature(value, part)
-                else:
-                    keep.extend(polys[i] for i in component)
-            self._held[value] = keep
-
-    def _dissolve(self) -> None:
-        """Union the held seam-touching polygons per class and write their connected parts."""
-        for value in sorted(self._held):
-            for part in dissolve(self._held.pop(value)):
-                self._write_feature(value, part)
+    @property
+    def held_max(self) -> int:
+        """The most chains and holes held at once between rows (memory check)."""
+        return self._stitcher.held_max
 
     def close(self) -> dict:
-        """Dissolve across seams, finish the file, rename it into place; return stats."""
+        """Stitch what is left, finish the file, rename it into place; return stats."""
         if self._closed:
             raise ValueError("GeoJSONWriter already closed")
         try:
-            self._dissolve()
+            self._scratch.clear()
+            self._stitcher.finish()
             self._fh.write("\n]}\n")
             self._fh.flush()
             self._fh.detach()
@@ -335,7 +410,7 @@ class GeoJSONWriter:
         if self._closed:
             return
         self._closed = True
-        self._held.clear()
+        self._scratch.clear()
         for fh in (self._gz, self._raw):
             try:
                 if fh is not None:
@@ -345,4 +420,4 @@ class GeoJSONWriter:
         self.part.unlink(missing_ok=True)
 
 
-__all__ = ["GeoJSONWriter", "dissolve", "polygon_parts", "trace_block"]
+__all__ = ["FeatureFormatter", "GeoJSONWriter", "polygon_parts", "trace_block"]

@@ -43,6 +43,12 @@ the case when every write region is chunk-aligned (its origin a multiple of ``ch
 a multiple of ``chunk`` or reaching the array edge). Unaligned concurrent writes that share a
 chunk race (read-modify-write of the chunk) and are NOT safe. ``build_pyramid`` only ever writes
 whole output chunks.
+
+Blocks: ``write_block`` writes one aligned block of level 0 *and* the first pyramid levels that
+lie inside it (``inline_levels``: level k needs the block to span whole chunks of level k, i.e.
+a multiple of ``chunk * 2**k``), from the block in memory, so a segmentation run builds most of
+its pyramid inside the chunk tasks; ``build_pyramid(start=...)`` then only makes the small
+levels above. The result is identical to building every level afterwards.
 """
 
 from __future__ import annotations
@@ -85,15 +91,8 @@ def _pad_to_even(block: np.ndarray, fill) -> np.ndarray:
     return np.pad(block, pad, constant_values=fill)
 
 
-def mode_downsample(labels: np.ndarray) -> np.ndarray:
-    """2x mode downsampling of an integer label map [h, w] (uint8 values).
-
-    Each output pixel is the most frequent value of its 2x2 block (fewer pixels at odd edges).
-    Ties: a non-zero value beats 0, then the smaller value wins. Computed from the four
-    corners of every block with pairwise comparisons (no [h, w, 4, 4] intermediate).
-    """
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+def _mode_general(labels: np.ndarray) -> np.ndarray:
+    """``mode_downsample`` of any shape (odd edges padded with a value that never wins)."""
     x = _pad_to_even(labels.astype(np.int16), -1)
     corners = [x[0::2, 0::2], x[0::2, 1::2], x[1::2, 0::2], x[1::2, 1::2]]
     best_score = best_value = None
@@ -111,6 +110,70 @@ def mode_downsample(labels: np.ndarray) -> np.ndarray:
             best_score = np.where(better, score, best_score)
             best_value = np.where(better, v, best_value)
     return best_value.astype(labels.dtype)
+
+
+def _mode4(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The mode of four uint8 arrays, element-wise, with ``mode_downsample``'s tie rules:
+    each candidate scores ``count * 512 + (value != 0) * 256 + (255 - value)`` and the value
+    is read back from the highest score (no per-element selection)."""
+    ab, ac, ad = a == b, a == c, a == d
+    bc, bd, cd = b == c, b == d, c == d
+    best = None
+    for v, e1, e2, e3 in ((a, ab, ac, ad), (b, ab, bc, bd), (c, ac, bc, cd), (d, ad, bd, cd)):
+        score = (e1.view(np.uint8) + e2.view(np.uint8) + e3.view(np.uint8)).astype(np.uint16)
+        score += 1
+        score <<= 9
+        score |= np.where(v == 0, np.uint16(255), np.uint16(511) - v)
+        best = score if best is None else np.maximum(best, score, out=best)
+    return (255 - (best & 255)).astype(np.uint8)
+
+
+_MODE_LUTS: dict[int, np.ndarray] = {}
+
+
+def _mode_lut(base: int) -> np.ndarray:
+    """The mode of every 2x2 block of values < ``base``, indexed by the block's base-``base``
+    code ``((a * base + b) * base + c) * base + d``."""
+    lut = _MODE_LUTS.get(base)
+    if lut is None:
+        code = np.arange(base**4)
+        a, b, c, d = (((code // base**k) % base).astype(np.uint8) for k in (3, 2, 1, 0))
+        lut = _MODE_LUTS[base] = _mode4(a, b, c, d)
+    return lut
+
+
+def mode_downsample(labels: np.ndarray) -> np.ndarray:
+    """2x mode downsampling of an integer label map [h, w] (uint8 values).
+
+    Each output pixel is the most frequent value of its 2x2 block (fewer pixels at odd edges).
+    Ties: a non-zero value beats 0, then the smaller value wins. Label maps with few values
+    (< 16, the usual class tables) go through a lookup table of all 2x2 blocks; others
+    through :func:`_mode4`. Odd edges go through a padded version of the same rule.
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    h, w = labels.shape
+    he, we = h - h % 2, w - w % 2
+    out = np.empty(((h + 1) // 2, (w + 1) // 2), labels.dtype)
+    if he and we:
+        x = labels[:he, :we].astype(np.uint8, copy=False)
+        q = np.ascontiguousarray(x.reshape(he // 2, 2, we // 2, 2).transpose(1, 3, 0, 2))
+        a, b, c, d = q[0, 0], q[0, 1], q[1, 0], q[1, 1]
+        top = int(q.max())
+        if top < 16:
+            base = top + 1
+            code = a.astype(np.uint16)
+            for v in (b, c, d):
+                code *= base
+                code += v
+            out[: he // 2, : we // 2] = _mode_lut(base)[code]
+        else:
+            out[: he // 2, : we // 2] = _mode4(a, b, c, d)
+    if h % 2:
+        out[-1, :] = _mode_general(labels[he:, :])[0]
+    if w % 2:
+        out[:, -1] = _mode_general(labels[:, we:])[:, 0]
+    return out
 
 
 def mean_downsample(block: np.ndarray) -> np.ndarray:
@@ -245,6 +308,20 @@ class SlidePyramidWriter:
             raise ValueError("this store was created without probabilities")
         return self.root[f"probabilities/{level}"]
 
+    def _block_array(self, kind: str, level: int):
+        """The array a block writer writes to, opened once (opening reads its metadata) and
+        configured to store every chunk it is given: zarr's own test for chunks equal to the
+        fill value costs as much as compressing them, and the chunks of a tissue block are
+        rarely empty."""
+        arrays = self.__dict__.setdefault("_arrays", {})
+        key = (kind, level)
+        arr = arrays.get(key)
+        if arr is None:
+            get = {"labels": self.label_array, "image": self.image_array,
+                   "probabilities": self.probability_array}[kind]
+            arr = arrays[key] = get(level).with_config({"write_empty_chunks": True})
+        return arr
+
     def read_level(self, level: int) -> np.ndarray:
         """The whole label array of one level. Meant for small levels (the top is <= 1024 px)."""
         return self.label_array(level)[...]
@@ -280,6 +357,57 @@ class SlidePyramidWriter:
             raise ValueError(f"probs must be uint8 [{k}, h, w], got {probs.dtype} {probs.shape}")
         ys, xs = self._region(y0, x0, probs.shape[1], probs.shape[2])
         self.probability_array(0)[:, ys, xs] = probs
+
+    def inline_levels(self, block: int) -> int:
+        """How many levels above 0 the writer of one level-0 ``block`` (a square of ``block``
+        px at a multiple of ``block``) can compute and write itself, without touching zarr
+        chunks of other blocks: level k needs ``block`` to be a multiple of ``chunk * 2**k``."""
+        k = 0
+        while k + 1 < self.num_levels and block % (self.chunk << (k + 1)) == 0:
+            k += 1
+        return k
+
+    def write_block(self, y0: int, x0: int, labels: np.ndarray, rgb: np.ndarray | None = None,
+                    probs: np.ndarray | None = None, levels: int = 0) -> None:
+        """Write one block of level 0 (labels, and the image [h, w, 3] / probabilities
+        [K, h, w] when given) and its first ``levels`` pyramid levels (at most
+        ``inline_levels(block)``; the block must start on that grid). ``build_pyramid(start=
+        levels + 1)`` then only has to make the small levels above."""
+        step = 1 << levels
+        if y0 % (self.chunk * step) or x0 % (self.chunk * step):
+            raise ValueError(f"block ({y0}, {x0}) is not aligned for {levels} inline levels")
+        labels = np.asarray(labels)
+        if labels.ndim != 2 or labels.dtype != np.uint8:
+            raise ValueError(f"labels must be uint8 [h, w], got {labels.dtype} {labels.shape}")
+        img = None
+        if rgb is not None:
+            rgb = np.asarray(rgb)
+            if rgb.shape != labels.shape + (3,) or rgb.dtype != np.uint8:
+                raise ValueError(f"rgb must be uint8 {labels.shape + (3,)}, got {rgb.dtype} "
+                                 f"{rgb.shape}")
+            img = np.ascontiguousarray(np.moveaxis(rgb, 2, 0))
+        if probs is not None:
+            probs = np.asarray(probs)
+            if probs.shape != (len(self.classes),) + labels.shape or probs.dtype != np.uint8:
+                raise ValueError(f"probs must be uint8 [K, h, w], got {probs.dtype} {probs.shape}")
+        lab = labels
+        for k in range(levels + 1):
+            y, x = y0 >> k, x0 >> k
+            if k:
+                lab = mode_downsample(lab)
+                img = None if img is None else mean_downsample(img)
+                probs = None if probs is None else mean_downsample(probs)
+            self._region(y << k, x << k, 1, 1)  # the origin lies inside level 0
+            self._block_array("labels", k)[y : y + lab.shape[0], x : x + lab.shape[1]] = lab
+            if img is not None:
+                self._write_chw(self._block_array("image", k), y, x, img)
+            if probs is not None:
+                self._write_chw(self._block_array("probabilities", k), y, x, probs)
+
+    def _write_chw(self, arr, y0: int, x0: int, block: np.ndarray) -> None:
+        if y0 + block.shape[1] > arr.shape[1] or x0 + block.shape[2] > arr.shape[2]:
+            raise ValueError(f"block ({y0}, {x0}) + {block.shape} lies outside {arr.shape}")
+        arr[:, y0 : y0 + block.shape[1], x0 : x0 + block.shape[2]] = block
 
     # ------------------------------------------------------------------ reading back
     def _chunk_origins(self, level: int) -> Iterator[tuple[int, int]]:
@@ -319,15 +447,16 @@ class SlidePyramidWriter:
         else:
             dst[:, y0:y1, x0:x1] = out
 
-    def build_pyramid(self, num_workers: int = 1) -> None:
-        """Compute levels 1.. from level 0, one output chunk at a time.
+    def build_pyramid(self, num_workers: int = 1, start: int = 1) -> None:
+        """Compute levels ``start``.. from the level below, one output chunk at a time
+        (``start`` > 1 when ``write_block`` already wrote the levels below it).
 
         Each task reads the 2x2 source chunks under one output chunk and writes that chunk, so
         memory is bounded by ``num_workers`` x (4 source chunks) whatever the slide size.
         """
         workers = max(1, int(num_workers))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for level in range(1, self.num_levels):
+            for level in range(max(1, int(start)), self.num_levels):
                 for get, fn, fill in self._pyramids():
                     src, dst = get(level - 1), get(level)
                     tasks = [pool.submit(self._downsample_chunk, src, dst, fn, fill, y0, x0)

@@ -70,5 +70,7 @@ def save_png_atomic(path: str | Path, rgb: np.ndarray) -> Path:
     from PIL import Image
 
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG", optimize=True)
+        # zlib level 3: 40 % of the default level's time for ~12 % more bytes (optimize=True
+        # would take ~2.5x the default's time for < 1 % less)
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=3)
     return Path(path)

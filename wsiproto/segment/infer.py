@@ -4,8 +4,8 @@ A :class:`TilePredictor` maps RGB uint8 tiles [N, t, t, 3] to per-class scores f
 [N, K + 1, t, t] (K tissue classes, then background; higher = more likely). A
 :class:`BatchRunner` owns one predictor and one thread that takes tiles from every chunk in
 flight and runs them in full batches, so a GPU stays busy while the chunk tasks read and
-decode; chunk tasks block on their own results only. :func:`run_chunk_tiles` blends the
-scores of a chunk's tiles by summed weights and returns the argmax labels.
+decode; chunk tasks queue groups of tiles (``submit``) and wait on their own results only.
+:func:`blend_tiles` sums the scores of a chunk's tiles weighted by the blending window.
 """
 
 from __future__ import annotations
@@ -39,6 +39,24 @@ class _Request:
     filled: int = 0
 
 
+class Pending:
+    """Scores of tiles queued with :meth:`BatchRunner.submit`."""
+
+    def __init__(self, req: _Request, ended: threading.Event):
+        self._req, self._ended = req, ended
+
+    def result(self) -> np.ndarray:
+        req = self._req
+        # Wake up if the runner is closed meanwhile (an interrupt): never wait forever.
+        while not req.done.wait(0.25):
+            if self._ended.is_set() and not req.done.is_set():
+                raise RuntimeError("the batch runner was closed before these tiles ran")
+        if req.error is not None:
+            raise req.error
+        out, self._req.out = req.out, None
+        return out
+
+
 class BatchRunner:
     """Runs ``predictor`` on batches of ``batch_size`` tiles gathered across callers.
 
@@ -53,6 +71,7 @@ class BatchRunner:
         self.gather_s = gather_s
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._ended = threading.Event()
         self.tiles = 0
         self.batches = 0
         self.busy_s = 0.0
@@ -71,22 +90,33 @@ class BatchRunner:
         self.close()
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Scores of ``tiles`` (blocks until they ran)."""
+        return self.submit(tiles).result()
+
+    def submit(self, tiles: np.ndarray) -> Pending:
+        """Queue ``tiles`` and return at once; ``.result()`` waits for their scores. A chunk
+        keeps its next group queued while it blends the last one, so the model never waits
+        for a chunk task to come back."""
         if len(tiles) == 0:
             t = self.predictor.tile_size
-            return np.zeros((0, self.predictor.num_classes + 1, t, t), np.float32)
+            req = _Request(tiles=tiles)
+            req.out = np.zeros((0, self.predictor.num_classes + 1, t, t), np.float32)
+            req.done.set()
+            return Pending(req, self._ended)
         req = _Request(tiles=tiles)
         self._queue.put(req)
-        # Wake up if the runner is closed meanwhile (an interrupt): never wait forever.
-        while not req.done.wait(0.25):
-            if not self._thread.is_alive():
-                raise RuntimeError("the batch runner was closed before these tiles ran")
-        if req.error is not None:
-            raise req.error
-        return req.out
+        return Pending(req, self._ended)
 
     # The worker: pieces of requests are packed into batches; a request may span batches.
     def _loop(self) -> None:
         pending: list[list] = []  # [request, next tile index]
+        try:
+            self._serve_batches(pending)
+        finally:
+            self._fail_leftovers(pending)
+            self._ended.set()
+
+    def _serve_batches(self, pending: list[list]) -> None:
         while not self._stop.is_set():
             try:
                 item = self._queue.get(timeout=0.1) if not pending else self._queue.get_nowait()
@@ -106,8 +136,10 @@ class BatchRunner:
                 except queue.Empty:
                     pass
             self._run_batch(pending)
-            pending = [p for p in pending if not p[0].done.is_set()]
-        # Closed: fail what is still waiting so that its callers return.
+            pending[:] = [p for p in pending if not p[0].done.is_set()]
+
+    def _fail_leftovers(self, pending: list[list]) -> None:
+        """Closed: fail what is still waiting so that its callers return."""
         closed = RuntimeError("the batch runner was closed before these tiles ran")
         leftovers = [r for r, _ in pending]
         while True:
@@ -149,9 +181,12 @@ class BatchRunner:
         self.batches += 1
         offset = 0
         for req, start, n in parts:
-            if req.out is None:
-                req.out = np.empty((len(req.tiles),) + scores.shape[1:], scores.dtype)
-            req.out[start : start + n] = scores[offset : offset + n]
+            if n == len(req.tiles):  # the whole request in this batch: no copy
+                req.out = scores[offset : offset + n]
+            else:
+                if req.out is None:
+                    req.out = np.empty((len(req.tiles),) + scores.shape[1:], scores.dtype)
+                req.out[start : start + n] = scores[offset : offset + n]
             offset += n
             req.filled += n
             if req.filled == len(req.tiles):
@@ -165,12 +200,14 @@ def blend_tiles(
     shape: tuple[int, int],
     overlap: int,
     out: tuple[np.ndarray, np.ndarray] | None = None,
+    consume: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sum of tile scores on a canvas of ``shape`` whose top-left is ``origin``.
 
     Returns (sum of weight x scores [K+1, h, w], sum of weights [h, w]); tiles are cut to the
     canvas. Positions and origin are label-frame coordinates. ``out``: accumulate into these
-    arrays (tiles of one canvas can then be blended group by group).
+    arrays (tiles of one canvas can then be blended group by group). ``consume``: the scores
+    may be overwritten (saves a temporary per tile).
     """
     n, k1, t, _ = scores.shape
     h, w = shape
@@ -189,6 +226,11 @@ def blend_tiles(
             continue
         sy, sx = slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)
         wt = win[sy, sx]
-        acc[:, cy0:cy1, cx0:cx1] += scores[i][:, sy, sx] * wt
+        if consume:
+            part = scores[i][:, sy, sx]
+            part *= wt
+            acc[:, cy0:cy1, cx0:cx1] += part
+        else:
+            acc[:, cy0:cy1, cx0:cx1] += scores[i][:, sy, sx] * wt
         wsum[cy0:cy1, cx0:cx1] += wt
     return acc, wsum
