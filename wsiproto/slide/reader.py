@@ -410,8 +410,27 @@ class Slide:
         scale = ds / lds  # level pixels per output pixel
         if abs(scale - 1.0) < 1e-9 and float(x0 / lds).is_integer() and float(y0 / lds).is_integer():
             return self.read_level(int(x0 / lds), int(y0 / lds), w, h, level)
-        # Region in level pixels, padded by one pixel for the resampling filter.
         lx0, ly0 = x0 / lds, y0 / lds
+        # A large shrink is read and resampled in bands of output rows, so that its source (a
+        # 2048^2 chunk read 2x down: 4100^2 px, ~200 MB with the backend's RGBA and the copies)
+        # never exists whole. Box and nearest filters only see their own output pixel's box, so
+        # bands give the same pixels as one read; wider filters read in one piece.
+        rows = h
+        if resample in ("auto", "box", "nearest") and scale > 1.0 + 1e-6:
+            rows = max(1, int(BAND_SOURCE_PIXELS / ((w * scale + 3) * scale)))
+        if rows >= h:
+            return self._resample_rows(lx0, ly0, w, h, scale, level, resample)
+        out = np.empty((h, w, 3), np.uint8)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            out[r0:r1] = self._resample_rows(lx0, ly0 + r0 * scale, w, r1 - r0, scale, level,
+                                             resample)
+        return out
+
+    def _resample_rows(self, lx0: float, ly0: float, w: int, h: int, scale: float, level: int,
+                       resample: str) -> np.ndarray:
+        """[h, w, 3] output pixels of ``scale`` level pixels each from level-pixel (lx0, ly0)."""
+        # Region in level pixels, padded by one pixel for the resampling filter.
         lx1, ly1 = lx0 + w * scale, ly0 + h * scale
         rx0, ry0 = int(math.floor(lx0)) - 1, int(math.floor(ly0)) - 1
         rx1, ry1 = int(math.ceil(lx1)) + 1, int(math.ceil(ly1)) + 1
@@ -449,6 +468,9 @@ class Slide:
             )
             y_out = y_end
         return out, (ds_x + ds_y) / 2
+
+
+BAND_SOURCE_PIXELS = 1 << 23  # source pixels per band of a shrinking read (32 MB as RGBA)
 
 
 def resample_box(
