@@ -1,13 +1,15 @@
 """End-to-end efficiency of `wsiproto segment`: its tiles/s over the model's tiles/s in memory.
 
     python benchmarks/segment_efficiency.py [--model DIR | --preset dualproto-tiny]
-        [--size 8192] [--batch-size 32] [--device auto] [--precision auto]
+        [--size 8192] [--batch-size 32] [--device auto] [--precision auto] [--rounds 2]
 
 1. Writes a synthetic tissue slide (``--size`` px square, 0.5 um/px, JPEG pyramid) once.
 2. Runs ``segment_slide`` on it (reading, tiling, batching, blending, zarr, pyramid, GeoJSON,
    overlay; everything a user gets) and counts the tiles it ran through the model.
 3. Runs the same predictor on the same number of tiles already in memory (same batch size, same
    threads) to get the model's own tiles/s.
+4. Repeats 2-3 (``--rounds``, default 2) and divides the best segment rate by the best model
+   rate; every round is printed.
 
 Without ``--model`` a random-init model of ``--preset`` is built and saved to a temporary folder
 (throughput does not depend on the weights). Last line: ``efficiency=<ratio>``.
@@ -39,11 +41,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="chunk tasks in flight (default: what `wsiproto segment` uses)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (segment, model alone)")
     args = ap.parse_args()
 
+    from wsiproto.segment.threads import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as `wsiproto segment` does before loading the model
     import torch
 
     if args.threads:
@@ -72,30 +79,39 @@ def main() -> None:
 
     opts = SegmentOptions(out=work / "out", batch_size=args.batch_size, quiet=True,
                           overwrite=True, workers=args.workers)
-    t0 = time.perf_counter()
-    summary = segment_slide(slide, predictor, opts)
-    wall = time.perf_counter() - t0
-    tiles = summary["tiles"]["run_now"]
-    e2e = tiles / wall
-    print(f"segment: {tiles} tiles in {wall:.1f} s = {e2e:.1f} tiles/s  "
-          f"(stages: {summary['timings']})")
-
-    # The model alone on the same number of tiles, already in memory.
     rng = np.random.default_rng(0)
     t = predictor.tile_size
     pool = rng.integers(0, 255, (args.batch_size, t, t, 3), dtype=np.uint8)
     predictor.predict_scores(pool)  # warm-up
-    done, t0 = 0, time.perf_counter()
-    while done < tiles:
-        n = min(args.batch_size, tiles - done)
-        predictor.predict_scores(pool[:n])
-        done += n
-    model_rate = tiles / (time.perf_counter() - t0)
-    print(f"model alone: {model_rate:.1f} tiles/s (batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, device {predictor.device}, "
-          f"precision {predictor.precision}); cpu count {os.cpu_count()}")
-    print(f"efficiency={e2e / model_rate:.3f}")
 
+    def model_alone(tiles: int) -> float:
+        """The model on ``tiles`` tiles already in memory, batch by batch: tiles/s."""
+        done, t0 = 0, time.perf_counter()
+        while done < tiles:
+            n = min(args.batch_size, tiles - done)
+            predictor.predict_scores(pool[:n])
+            done += n
+        return tiles / (time.perf_counter() - t0)
+
+    # Rounds of (segment, model alone): on a shared machine either may hit a slow spell (the
+    # model alone varied 70-80 tiles/s between runs here), so each side keeps its best round.
+    # The first segment run also pays the process's one-time imports (dask, zarr, ...).
+    seg_rates, model_rates = [], []
+    for r in range(max(1, args.rounds)):
+        t0 = time.perf_counter()
+        summary = segment_slide(slide, predictor, opts)
+        wall = time.perf_counter() - t0
+        tiles = summary["tiles"]["run_now"]
+        seg_rates.append(tiles / wall)
+        print(f"round {r + 1} segment: {tiles} tiles in {wall:.1f} s = {seg_rates[-1]:.1f} "
+              f"tiles/s  (stages: {summary['timings']})")
+        model_rates.append(model_alone(tiles))
+        print(f"round {r + 1} model alone: {model_rates[-1]:.1f} tiles/s (batch "
+              f"{args.batch_size}, {torch.get_num_threads()} torch threads, device "
+              f"{predictor.device}, precision {predictor.precision}); cpu count {os.cpu_count()}")
+    e2e, model_rate = max(seg_rates), max(model_rates)
+    print(f"best: segment {e2e:.1f} tiles/s, model alone {model_rate:.1f} tiles/s")
+    print(f"efficiency={e2e / model_rate:.3f}")
 
 if __name__ == "__main__":
     main()

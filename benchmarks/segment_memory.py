@@ -5,7 +5,8 @@
 Each slide (square, ``--mpp`` um/px like a 40x scan, 3-level JPEG pyramid, H&E-like tissue on
 about half of it) is written once, then segmented in a fresh process whose peak RSS
 (``ru_maxrss``) is reported with the run's figures, including the GeoJSON work (tracing in
-the chunk tasks, stitching and writing, what is left after the model; file size). Memory must not grow with the slide: the last line is
+the chunk tasks, stitching and writing, what is left after the model; file size). Memory must
+not grow with the slide: the last line is
 ``rss_growth_40k_vs_10k=<peak RSS at the largest size / peak RSS at the smallest>``.
 """
 
@@ -24,6 +25,8 @@ import json, resource, sys, time
 from pathlib import Path
 from wsiproto.segment import SegmentOptions, segment_slide
 from wsiproto.segment.predictor import load_predictor
+from wsiproto.segment.threads import limit_malloc_arenas
+limit_malloc_arenas()  # as `wsiproto segment` does before loading the model
 slide, model, out, gzip = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "1"
 predictor = load_predictor(model)
 t0 = time.perf_counter()

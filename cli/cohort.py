@@ -40,8 +40,9 @@ def register(sub) -> None:
                            "start them with `--resources GPU=1`)")
     excl.add_argument("--slurm", action="store_true",
                       help="submit SLURM jobs through dask-jobqueue (--slurm-* options)")
-    p.add_argument("--chunk-workers", type=int, default=2,
-                   help="chunks in flight within one slide (default 2)")
+    p.add_argument("--chunk-workers", type=int, default=None,
+                   help="chunks in flight within one slide (default: 1 with the model on a "
+                        "CPU, 2 on a GPU)")
     p.add_argument("--skip-errors", action="store_true",
                    help="go on past slides that fail (exit code 1 if any did); default: stop at "
                         "the first failure")

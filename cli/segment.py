@@ -27,7 +27,8 @@ def add_segment_options(p) -> None:
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="output chunk side in label pixels, a multiple of 512 (default 2048)")
     p.add_argument("--workers", type=int, default=None,
-                   help="chunks in flight (reading, cutting, blending); default: 2")
+                   help="chunks in flight (reading, cutting, blending); default: 1 with the "
+                        "model on a CPU, 2 on a GPU")
     p.add_argument("--ngff-version", default="0.5", choices=("0.5", "0.4"),
                    help="OME-Zarr version (0.4 for QuPath and other Java tools)")
     p.add_argument("--objects", default="annotation", choices=("annotation", "detection"),
@@ -63,7 +64,7 @@ def options_from_args(args):
         out=Path(args.out), overlap=args.overlap, chunk=args.chunk_size, mpp=args.mpp,
         backend=args.backend, ngff_version=args.ngff_version, objects=args.objects,
         gzip=args.gzip, probabilities=args.probabilities, image=not args.no_image,
-        overwrite=args.overwrite, quiet=args.quiet, workers=args.workers or 2,
+        overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
     )
 
 
@@ -73,7 +74,9 @@ def run(args) -> int:
 
     from wsiproto.segment import segment_slide
     from wsiproto.segment.predictor import load_predictor
+    from wsiproto.segment.threads import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before torch starts its threads (segment_slide would do it too)
     predictor = load_predictor(args.model, device=args.device, precision=args.precision,
                                tta=args.tta)
     opts = options_from_args(args)

@@ -314,3 +314,43 @@ def test_undecodable_region_is_reported_with_coordinates(layout_slide, tmp_path)
     with pytest.raises(WsiprotoError, match=r"cannot decode region at level-0 x=\d+ y=\d+"):
         segment_slide(bad, ColourStandIn(), options(tmp_path / "out", workers=1))
     assert not (tmp_path / "out" / "layout" / "summary.json").exists()
+
+
+def test_a_failing_geojson_export_stops_the_run_early(layout_slide, tmp_path, monkeypatch):
+    """An error in the GeoJSON thread ends the run at the next chunk, not after the whole
+    slide went through the model; nothing is left under a final name."""
+    from wsiproto.export.geojson import GeoJSONWriter
+
+    path, _ = layout_slide
+
+    def broken(self, trace):
+        raise OSError("disk full (simulated)")
+
+    full = ColourStandIn()
+    segment_slide(path, full, options(tmp_path / "full", chunk=512, workers=1))
+    monkeypatch.setattr(GeoJSONWriter, "add_trace", broken)
+    model = ColourStandIn()
+    with pytest.raises(RuntimeError, match="GeoJSON export failed: disk full"):
+        segment_slide(path, model, options(tmp_path / "out", chunk=512, workers=1))
+    assert model.calls < full.calls / 2, (model.calls, full.calls)
+    folder = tmp_path / "out" / "layout"
+    assert {p.name for p in folder.iterdir()} <= {".partial"}
+
+
+def test_resume_redoes_a_chunk_whose_trace_was_lost(reference_run, layout_slide, tmp_path):
+    """A done marker whose saved trace is truncated (the two did not both reach the disk)
+    does not count: resuming redoes that chunk and the outputs are those of a clean run."""
+    out, _ = reference_run
+    path, _ = layout_slide
+    with pytest.raises(SimulatedCrash):
+        segment_slide(path, ColourStandIn(), options(tmp_path, fail_after_chunks=2, workers=1))
+    partial = tmp_path / "layout" / ".partial"
+    key = sorted(p.name for p in (partial / "done").iterdir())[0]
+    trace = partial / "traces" / f"{key}.npz"
+    trace.write_bytes(trace.read_bytes()[:50])
+    messages = []
+    summary = segment_slide(path, ColourStandIn(), options(tmp_path), echo=messages.append)
+    assert any("resuming: 1 of" in m for m in messages), messages
+    assert summary["chunks"]["run_now"] == summary["chunks"]["with_tissue"] - 1
+    np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))
+    assert features_without_ids(tmp_path) == features_without_ids(out)

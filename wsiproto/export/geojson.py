@@ -14,8 +14,12 @@ with the same turn rule as the tracer, so a region crossing seams comes out exac
 map had been traced in one piece (no polygon union). With ``rows_in_order=True`` (blocks
 arrive row by row, as ``SlidePyramidWriter.iter_label_chunks`` yields them and as
 ``segment_slide`` feeds them) each new row lets the rows above be stitched and written, so
-memory is bounded by one block plus the regions still open at the current row, never by the
-number of objects on the slide; otherwise everything open waits for ``close``.
+memory is bounded by one row of blocks' seam data plus the regions still open at the current
+row, never by the number of closed objects on the slide; otherwise everything open waits for
+``close``. An open region keeps its ring pieces and the holes found so far until its outer
+ring closes: for one region spanning the whole slide (tissue with every island of another
+class as a hole) that is proportional to its boundary and holes (measured by
+``benchmarks/geojson_export.py``: "held at seams").
 
 Output (QuPath >= 0.4 conventions): a ``FeatureCollection`` written feature by feature to
 ``<path>.part`` (through gzip for ``.geojson.gz``) and renamed into place by ``close``; an
@@ -363,6 +367,9 @@ class GeoJSONWriter:
             self._write_text(trace.text)
         for v, n in trace.counts.items():
             self._counts[self.classes[v][0]] += n
+        # The stitcher keeps the trace until its row is done: only what it needs (chains,
+        # holes, edge strips), not the features already written.
+        trace.text, trace.pixel_counts, trace.closed = None, None, None
         self._stitcher.add(trace)
 
     # ------------------------------------------------------------------ output

@@ -50,6 +50,7 @@ import numpy as np
 from wsiproto.errors import WsiprotoError
 from wsiproto.segment.grid import Chunk, ChunkGrid
 from wsiproto.segment.infer import BatchRunner, TilePredictor, blend_tiles
+from wsiproto.segment.threads import limit_malloc_arenas, lower_thread_priority, responsive_gil
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,27 @@ class SegmentOptions:
     overwrite: bool = False
     quiet: bool = False
     # chunk tasks in flight (threads cutting and blending); as many chunks are read ahead and
-    # as many finished (written, traced) beside them
-    workers: int = 2
+    # as many finished (written, traced) beside them. None: 1 when the model runs on the CPU
+    # (it uses every core; one task keeps it fed, see chunk_workers), 2 on a GPU
+    workers: int | None = None
     fail_after_chunks: int | None = field(default=None, repr=False)  # tests: simulate a crash
 
     def output_config(self) -> dict:
         keys = ("overlap", "chunk", "zarr_chunk", "mpp", "ngff_version", "objects", "gzip",
                 "probabilities", "image")
         return {k: getattr(self, k) for k in keys}
+
+
+def chunk_workers(opts: SegmentOptions, predictor) -> int:
+    """Chunk tasks in flight: ``opts.workers``, or by default 1 with the model on a CPU and 2
+    on a GPU. On a CPU the model's threads take every core and a chunk's tiles go to it group
+    by group while the last group is blended, so one task keeps it as busy as two (measured on
+    2 cores with benchmarks/segment_efficiency.py: 0.84-0.85 either way) while a second one
+    adds its blend buffers, queued scores and read-ahead region to the peak memory (about
+    340 MB more on a 40k^2 slide)."""
+    if opts.workers:
+        return max(1, int(opts.workers))
+    return 2 if getattr(predictor, "cuda", False) else 1
 
 
 class SimulatedCrash(RuntimeError):
@@ -202,7 +216,7 @@ class _Run:
     formatter: Any = None  # GeoJSON FeatureFormatter: trace the chunk in its task
     trace_dir: Path | None = None
     levels: int = 0  # pyramid levels above 0 written by the chunk task itself
-    in_flight: int = 3  # model requests a chunk keeps queued
+    in_flight: int = 2  # model requests a chunk keeps queued (each: group x 1 MB of scores)
     on_done: Callable[[str], None] | None = None  # told the key of every finished chunk
     prefetch: Any = None  # a _Prefetcher reading chunks ahead of the tasks
     clock: dict = field(default_factory=dict)  # CPU s per in-task step, summed over chunks
@@ -302,14 +316,6 @@ def _blend_chunk(run: _Run, chunk: Chunk, positions, region, ry0: int, rx0: int)
     return acc, wsum
 
 
-def process_chunk(run: _Run, chunk: Chunk) -> int:
-    """Segment one chunk, write it (level 0 and the inline pyramid levels), trace its polygons
-    (when ``run.formatter`` is set) and mark it done; returns the number of tiles run."""
-    n, result = infer_chunk(run, chunk)
-    finish_chunk(run, chunk, *result)
-    return n
-
-
 def read_chunk(run: _Run, chunk: Chunk):
     """The tissue tiles of a chunk (label-frame positions) and the image region they cover:
     (positions, region or None, region's y0, x0)."""
@@ -334,7 +340,7 @@ def read_chunk(run: _Run, chunk: Chunk):
 def infer_chunk(run: _Run, chunk: Chunk):
     """The model's part of a chunk: read it (or take what ``run.prefetch`` read ahead), run
     its tiles, blend, argmax. Returns the number of tiles and (labels, rgb or None,
-    probabilities or None) for :func:`finish_chunk`."""
+    probabilities or None) for :func:`finish_parts`."""
     s = run.scale
     if run.prefetch is not None:
         positions, region, ry0, rx0 = run.prefetch.take(chunk)
@@ -372,17 +378,11 @@ def infer_chunk(run: _Run, chunk: Chunk):
     return len(positions), (labels, rgb, probs)
 
 
-def finish_chunk(run: _Run, chunk: Chunk, labels, rgb, probs) -> None:
-    """The export part of a chunk: write its level-0 block and inline pyramid levels, trace and
-    save its polygons, then mark it done (the marker comes last: a chunk without one is redone
-    whole on resume)."""
-    for part in _finish_parts(run, chunk, labels, rgb, probs):
-        part()
-    _mark_done(run, chunk)
-
-
-def _finish_parts(run: _Run, chunk: Chunk, labels, rgb, probs) -> list[Callable[[], None]]:
-    """The independent parts of :func:`finish_chunk` (they may run in parallel)."""
+def finish_parts(run: _Run, chunk: Chunk, labels, rgb, probs) -> list[Callable[[], None]]:
+    """The export part of a chunk, as independent steps (they may run in parallel): write its
+    level-0 block and inline pyramid levels; trace its polygons and save the trace. The chunk's
+    done marker (:func:`_mark_done`) must come after both: a chunk without one is redone whole
+    on resume."""
 
     def write():
         t0 = time.thread_time()
@@ -399,7 +399,15 @@ def _finish_parts(run: _Run, chunk: Chunk, labels, rgb, probs) -> list[Callable[
         traced.save(run.trace_dir / f"{chunk.key}.npz")
         run.tick("trace_s", t0)
 
-    return [write] if run.formatter is None else [trace, write]
+    return [trace, write]
+
+
+def _trace_readable(path: Path) -> bool:
+    try:
+        with np.load(path) as z:
+            return "meta" in z.files
+    except Exception:  # noqa: BLE001 - missing, truncated or not a zip: redo the chunk
+        return False
 
 
 def _mark_done(run: _Run, chunk: Chunk) -> None:
@@ -435,6 +443,7 @@ class _GeoJSONStream:
     def _loop(self) -> None:
         from wsiproto.export.trace import BlockTrace
 
+        lower_thread_priority()
         try:
             for key in self.keys:
                 with self._cond:
@@ -482,7 +491,8 @@ class _Prefetcher:
         from concurrent.futures import ThreadPoolExecutor
 
         self._run = run
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsiproto-read")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsiproto-read",
+                                        initializer=lower_thread_priority)
         self._permits = threading.Semaphore(max(1, depth))
         self._cond = threading.Condition()
         self._futures: dict[str, Any] = {}
@@ -493,6 +503,7 @@ class _Prefetcher:
         self._feeder.start()
 
     def _feed(self, chunks: list[Chunk]) -> None:
+        lower_thread_priority()
         for chunk in chunks:
             while not self._permits.acquire(timeout=0.25):
                 if self._stop:
@@ -538,7 +549,8 @@ class _Finisher:
     def __init__(self, slots: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max(1, slots), thread_name_prefix="wsiproto-finish")
+        self._pool = ThreadPoolExecutor(max(1, slots), thread_name_prefix="wsiproto-finish",
+                                        initializer=lower_thread_priority)
         self._slots = threading.BoundedSemaphore(max(1, slots))
         self._futures: list = []
         self._lock = threading.Lock()
@@ -578,7 +590,13 @@ class _Finisher:
             for part in parts:
                 futures.append(self._pool.submit(run_part, part))
         except BaseException:
-            if not futures:
+            # the parts that could not be queued count as failed ones: the chunk gets no
+            # marker, and its slot comes back once the queued parts are over
+            with lock:
+                state["left"] -= len(parts) - len(futures)
+                state["ok"] = False
+                last = state["left"] == 0
+            if last:
                 self._slots.release()
             raise
         finally:
@@ -652,9 +670,15 @@ def segment_slide(
 
     ``runner``: a shared :class:`BatchRunner` (cohorts reuse one per worker); by default one is
     made for this slide and closed at the end.
+
+    One process-wide effect: the first call limits glibc's malloc to one arena shared by all
+    threads (bounded memory when buffers cross threads, see ``threads.limit_malloc_arenas``;
+    set ``MALLOC_ARENA_MAX`` to decide otherwise). The threads this function starts run at a
+    lower priority and end with it.
     """
     import gc
 
+    limit_malloc_arenas()  # buffers cross threads: one shared heap (threads.py)
     # The objects alive now (the model, torch, the libraries) are not garbage; keep the cyclic
     # collector from scanning them during the run (one full collection over a loaded model
     # costs ~0.2 s, on the model's time). Undone at the end.
@@ -759,8 +783,6 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     import dask
     import dask.threaded
 
-    from wsiproto.export.geojson import FeatureFormatter
-
     done_dir = partial / "done"
     trace_dir = partial / "traces"
     all_chunks = list(grid.chunks())
@@ -770,6 +792,12 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     # _open_writer resumes exactly when the store and its config exist (else starts afresh)
     resuming = (partial / f"{stem}.ome.zarr").exists() and (partial / "config.json").exists()
     done = {p.name for p in done_dir.iterdir()} if resuming and done_dir.is_dir() else set()
+    # A marker whose trace cannot be read (a crash or power loss between the two reaching the
+    # disk) does not count: that chunk is redone, rather than failing the GeoJSON at the end.
+    lost = {k for k in done if not _trace_readable(trace_dir / f"{k}.npz")}
+    for key in lost:
+        (done_dir / key).unlink(missing_ok=True)
+    done -= lost
     todo = [c for c in with_tissue if c.key not in done]
     if not with_tissue:
         log.warning("%s: no tissue found; writing empty outputs", slide.path)
@@ -781,17 +809,20 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     runner = runner or BatchRunner(predictor, batch_size=opts.batch_size)
     pool = _SlidePool(slide.path, slide.backend, opts.mpp)
     tissue_classes = classes[:-1]  # background inside tissue is not exported as objects
-    formatter = FeatureFormatter(tissue_classes, scale, opts.objects, slide.mpp,
-                                 (grid.height, grid.width))
     run = _Run(grid, scale, model_mpp, tissue, pool, runner, None, done_dir,
                opts.probabilities, opts.image, len(classes) + 1,
-               group=max(opts.batch_size, 16), formatter=formatter, trace_dir=trace_dir)
+               group=max(opts.batch_size, 16), trace_dir=trace_dir)
     from concurrent.futures import ThreadPoolExecutor
 
     # The first chunks are read while the output store is created.
-    run.prefetch = _Prefetcher(run, todo, depth=max(1, opts.workers))
-    finisher = _Finisher(max(1, opts.workers))
-    side = ThreadPoolExecutor(1, thread_name_prefix="wsiproto-side")  # work without the model
+    workers = chunk_workers(opts, predictor)
+    run.prefetch = _Prefetcher(run, todo, depth=workers)
+    finisher = _Finisher(workers)
+    # work without the model; every thread started here runs below the model (threads.py)
+    side = ThreadPoolExecutor(1, thread_name_prefix="wsiproto-side",
+                              initializer=lower_thread_priority)
+    chunk_pool = ThreadPoolExecutor(workers, thread_name_prefix="wsiproto-chunk",
+                                    initializer=lower_thread_priority)
     progress = _Progress(len(todo), opts.quiet, desc=stem)
     stream = None
     closed = []
@@ -800,24 +831,28 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
         if closed:
             return
         closed.append(True)
+        if own_runner:
+            runner.close()  # chunk tasks still waiting for tiles (after an error) end now
+        chunk_pool.shutdown(wait=True)  # no task reads the slide after this
         run.prefetch.close()
         finisher.close()  # waits: a chunk is either finished (marker) or not touched at all
         progress.close()
         pool.close()
-        if own_runner:
-            runner.close()
 
     counter = {"chunks": 0}
     lock = threading.Lock()
 
     def task(chunk: Chunk) -> int:
+        if stream is not None and stream.error is not None:
+            # the GeoJSON thread failed: stop now rather than after the whole slide
+            raise RuntimeError(f"GeoJSON export failed: {stream.error}") from stream.error
         if opts.fail_after_chunks is not None:
             with lock:
                 if counter["chunks"] >= opts.fail_after_chunks:
                     raise SimulatedCrash(f"simulated crash before chunk {chunk.key}")
                 counter["chunks"] += 1
         n, result = infer_chunk(run, chunk)
-        finisher.submit(_finish_parts(run, chunk, *result), lambda: _mark_done(run, chunk))
+        finisher.submit(finish_parts(run, chunk, *result), lambda: _mark_done(run, chunk))
         progress.update(n)
         return n
 
@@ -831,10 +866,11 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
             return thumb, time.perf_counter() - t
 
         thumb_job = side.submit(thumbnail)
-        stream = _GeoJSONStream(_geojson_writer(folder, stem, grid, scale, tissue_classes, opts,
+        stream = _GeoJSONStream(_geojson_writer(partial, stem, grid, scale, tissue_classes, opts,
                                                 slide.mpp),
                                 trace_dir, [c.key for c in with_tissue], done)
         run.on_done = stream.ready
+        run.formatter = stream.writer.formatter  # the chunk tasks serialise as the writer does
         busy_before = runner.busy_s
         t0 = time.perf_counter()
         try:
@@ -843,9 +879,11 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
             tasks = [dask.delayed(task, pure=False)(
                 c, dask_key_name=f"chunk-{len(todo) - i:07d}-{c.key}") for i, c in enumerate(todo)]
             # The threaded scheduler passed as a function: naming it ("threads") makes dask
-            # import dask.distributed to look for a client first (0.3 s per process).
-            tile_counts = dask.compute(*tasks, scheduler=dask.threaded.get,
-                                       num_workers=max(1, opts.workers)) if tasks else ()
+            # import dask.distributed to look for a client first (0.3 s per process). Our own
+            # pool: its threads run at a lower priority and end with the run.
+            with responsive_gil():
+                tile_counts = dask.compute(*tasks, scheduler=dask.threaded.get,
+                                           pool=chunk_pool) if tasks else ()
             finisher.drain()
         finally:
             close_inference()
@@ -856,7 +894,7 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
         # top levels and then, as soon as every chunk's label counts are in, the overlay.
         def pyramid_and_overlay():
             t = time.perf_counter()
-            writer.build_pyramid(num_workers=max(1, opts.workers), start=run.levels + 1)
+            writer.build_pyramid(num_workers=max(2, workers), start=run.levels + 1)
             writer.finalize()
             pyramid_s = time.perf_counter() - t
             thumb, thumb_s = thumb_job.result()
@@ -866,7 +904,7 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
             t = time.perf_counter()
             percent = _areas(stream.counts, classes, model_mpp)
             labels = writer.read_level(writer.num_levels - 1)
-            _write_overlay(labels, thumb, folder, classes, percent["percent_of_tissue"], stem)
+            _write_overlay(labels, thumb, partial, classes, percent["percent_of_tissue"], stem)
             return pyramid_s, thumb_s + time.perf_counter() - t, percent
 
         t_export = time.perf_counter()
@@ -892,10 +930,14 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     for name, seconds in sorted(run.clock.items()):
         timings[f"chunk_{name}"] = seconds
 
+    # Everything was written under .partial/; only now do the outputs take their final names
+    # (summary.json, written last by the caller, marks the run complete).
     final_zarr = folder / f"{stem}.ome.zarr"
     if final_zarr.exists():
         shutil.rmtree(final_zarr)
     os.replace(partial / f"{stem}.ome.zarr", final_zarr)
+    for name in (geo["path"].name, "overlay.png"):
+        os.replace(partial / name, folder / name)
 
     return {
         "slide": {
@@ -926,11 +968,11 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     }
 
 
-def _geojson_writer(folder, stem, grid, scale, tissue_classes, opts, slide_mpp):
+def _geojson_writer(partial, stem, grid, scale, tissue_classes, opts, slide_mpp):
     """The GeoJSON writer of a run; chunks' traces go in row by row, as the grid lists them."""
     from wsiproto.export.geojson import GeoJSONWriter
 
-    path = folder / (f"{stem}.geojson.gz" if opts.gzip else f"{stem}.geojson")
+    path = partial / (f"{stem}.geojson.gz" if opts.gzip else f"{stem}.geojson")
     return GeoJSONWriter(
         path, classes=tissue_classes, scale=scale, object_type=opts.objects, gzip=opts.gzip,
         mpp=slide_mpp, chunk_shape=(grid.chunk, grid.chunk),
@@ -956,5 +998,5 @@ def _write_overlay(labels, thumb, folder, classes, percent, stem) -> None:
     save_png_atomic(folder / "overlay.png", img)
 
 
-__all__ = ["SegmentOptions", "SimulatedCrash", "config_hash", "finish_chunk", "infer_chunk",
-           "process_chunk", "segment_slide", "slide_stem"]
+__all__ = ["SegmentOptions", "SimulatedCrash", "chunk_workers", "config_hash", "finish_parts", "infer_chunk",
+           "segment_slide", "slide_stem"]
