@@ -88,6 +88,18 @@ def test_batch_runner_batches_across_callers_and_returns_each_its_own():
     assert runner.tiles == sum(pred.batch_sizes)
 
 
+def test_short_batches_run_as_power_of_two_pieces_in_order():
+    """The model sees few batch shapes (each new one fragments the heap for good): 27 tiles
+    with batch size 16 run as 16, then 11 = 8 + 2 + 1; the scores come back in tile order."""
+    pred = _Echo()
+    tiles = np.arange(27, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    with BatchRunner(pred, batch_size=16, gather_s=0.0) as runner:
+        out = runner.run(tiles)
+    assert pred.batch_sizes == [16, 8, 2, 1]
+    np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(27))
+    assert runner.tiles == 27 and runner.batches == 2
+
+
 def test_batch_runner_passes_errors_to_the_caller():
     class Broken(_Echo):
         def predict_scores(self, tiles):

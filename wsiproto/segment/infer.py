@@ -138,6 +138,22 @@ class BatchRunner:
             self._run_batch(pending)
             pending[:] = [p for p in pending if not p[0].done.is_set()]
 
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        """Scores of a batch. A short batch (the last tiles of a chunk when nothing else is
+        queued) runs as pieces of power-of-two sizes: the model then only ever sees a handful
+        of batch shapes. Every new shape leaves its activations' holes in the heap: measured
+        here, batches of every size from 1 to 32 raised the model's own peak RSS by 260 MB
+        (1.50 -> 1.76 GB) for good, which a long run meets and a short one does not."""
+        n = len(batch)
+        if n >= self.batch_size or n & (n - 1) == 0:
+            return self.predictor.predict_scores(batch)
+        parts, start = [], 0
+        while start < n:
+            size = 1 << ((n - start).bit_length() - 1)
+            parts.append(self.predictor.predict_scores(batch[start : start + size]))
+            start += size
+        return np.concatenate(parts)
+
     def _fail_leftovers(self, pending: list[list]) -> None:
         """Closed: fail what is still waiting so that its callers return."""
         closed = RuntimeError("the batch runner was closed before these tiles ran")
@@ -170,7 +186,7 @@ class BatchRunner:
             else parts[0][0].tiles[parts[0][1] : parts[0][1] + parts[0][2]]
         t0 = time.perf_counter()
         try:
-            scores = self.predictor.predict_scores(batch)
+            scores = self._predict(batch)
         except BaseException as exc:  # hand the error to every caller in this batch
             for req, _, _ in parts:
                 req.error = exc

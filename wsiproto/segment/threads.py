@@ -20,8 +20,9 @@ a chunk task, scores made by the model's thread are freed there too, labels go o
 finisher); with one arena per thread, memory freed in another thread's arena is not reused
 where it is needed next, and the heap creeps up with the length of the run. Measured with
 ``benchmarks/segment_memory.py`` (2 cores): peak RSS 2.03 GB on the 10k^2 slide and 2.54 GB
-on the 40k^2 one (growth 1.25) with glibc's default arenas; with one arena 1.81-1.88 and
-2.13-2.23 GB (growth 1.16-1.21), at the same speed.
+on the 40k^2 one (growth 1.25) with glibc's default arenas; with one arena 1.77-1.88 and
+2.11-2.19 GB (growth 1.12-1.24), at the same speed. (The rest of the growth came from batch
+shapes: see ``BatchRunner._predict``.)
 """
 
 from __future__ import annotations
