@@ -27,7 +27,8 @@ class TilePredictor(Protocol):
     num_classes: int  # K tissue classes; scores have K + 1 channels (background last)
 
     def predict_scores(self, tiles: np.ndarray) -> np.ndarray:
-        """uint8 [N, t, t, 3] -> float32 [N, K + 1, t, t]."""
+        """uint8 [N, t, t, 3] -> float32 [N, K + 1, t, t], a fresh writeable array: the
+        pipeline blends it in place (``blend_tiles(consume=True)``)."""
 
 
 @dataclass
