@@ -202,15 +202,21 @@ class FeatureFormatter:
         inner[offsets[1:-1] - 1] = False  # the step from one ring to the next
         area = float((c[:-1, 0] * c[1:, 1] - c[1:, 0] * c[:-1, 1])[inner].sum()) / 2
         length = float((np.abs(dx) + np.abs(dy))[inner].sum())
-        tokens = np.empty(2 * len(c), object)
-        tokens[0::2] = self._xs[c[:, 0]]
-        tokens[1::2] = self._ys[c[:, 1]]
-        first, last = 2 * offsets[:-1], 2 * offsets[1:] - 1
-        tokens[first] = "[" + tokens[first]
-        tokens[last] = tokens[last] + "]"
+        tokens = self._coord_tokens(c, offsets)
         tokens[0] = self._head() + tokens[0]
         tokens[-1] = tokens[-1] + self._tail(value, area, length)
         return [",".join(tokens.tolist())]
+
+    def _coord_tokens(self, xy: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The text tokens of closed rings' vertices ``xy`` (rings start at ``offsets``):
+        ``[x`` and ``y]`` per vertex from the string tables, each ring wrapped in ``[...]``."""
+        tokens = np.empty(2 * len(xy), object)
+        tokens[0::2] = self._xs[xy[:, 0]]
+        tokens[1::2] = self._ys[xy[:, 1]]
+        first, last = 2 * offsets[:-1], 2 * offsets[1:] - 1
+        tokens[first] = "[" + tokens[first]
+        tokens[last] = tokens[last] + "]"
+        return tokens
 
     def polygons(self, rings: Rings) -> tuple[str, dict[int, int]]:
         """Text of many polygons (features joined by ","; each starts with a newline) and the
@@ -234,13 +240,8 @@ class FeatureFormatter:
             offsets = np.concatenate([[0], np.cumsum(sizes)])
             idx = np.repeat(starts - offsets[:-1], sizes) + np.arange(offsets[-1])
             idx[offsets[1:] - 1] = starts
-            xy = rings.coords[idx]
-            tokens = np.empty(2 * len(xy), object)
-            tokens[0::2] = self._xs[xy[:, 0]]
-            tokens[1::2] = self._ys[xy[:, 1]]
+            tokens = self._coord_tokens(rings.coords[idx], offsets)
             first, last = 2 * offsets[:-1], 2 * offsets[1:] - 1
-            tokens[first] = "[" + tokens[first]
-            tokens[last] = tokens[last] + "]"
             poly = rings.ring_poly[keep]
             new_poly = np.r_[True, poly[1:] != poly[:-1]]
             p_first = first[new_poly]
