@@ -55,9 +55,11 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -221,6 +223,8 @@ class SlidePyramidWriter:
         if _create:
             self._create_store(overwrite)
         self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=self._zarr_format)
+        self._arrays: dict[tuple[str, int], Any] = {}  # write_block's arrays, opened once
+        self._arrays_lock = threading.Lock()
 
     # ------------------------------------------------------------------ creation / reopening
     def _validate(self) -> None:
@@ -313,13 +317,13 @@ class SlidePyramidWriter:
         configured to store every chunk it is given: zarr's own test for chunks equal to the
         fill value costs as much as compressing them, and the chunks of a tissue block are
         rarely empty."""
-        arrays = self.__dict__.setdefault("_arrays", {})
         key = (kind, level)
-        arr = arrays.get(key)
-        if arr is None:
-            get = {"labels": self.label_array, "image": self.image_array,
-                   "probabilities": self.probability_array}[kind]
-            arr = arrays[key] = get(level).with_config({"write_empty_chunks": True})
+        with self._arrays_lock:
+            arr = self._arrays.get(key)
+            if arr is None:
+                get = {"labels": self.label_array, "image": self.image_array,
+                       "probabilities": self.probability_array}[kind]
+                arr = self._arrays[key] = get(level).with_config({"write_empty_chunks": True})
         return arr
 
     def read_level(self, level: int) -> np.ndarray:
