@@ -99,7 +99,7 @@ def main() -> None:
     seg_rates, model_rates = [], []
     for r in range(max(1, args.rounds)):
         t0 = time.perf_counter()
-        summary = segment_slide(slide, predictor, opts)
+        summary = segment_slide(slide, predictor, opts).summary
         wall = time.perf_counter() - t0
         tiles = summary["tiles"]["run_now"]
         seg_rates.append(tiles / wall)

@@ -41,7 +41,7 @@ def run(args) -> int:
     opts = SegmentOptions(out=Path(args.out), batch_size=predictor.default_batch_size,
                           ngff_version=args.ngff_version, overwrite=args.overwrite,
                           quiet=args.quiet)
-    summary = segment_slide(slide, predictor, opts, echo=echo)
+    summary = segment_slide(slide, predictor, opts, echo=echo).summary
     folder = Path(summary["outputs"]["folder"]).resolve()
     zarr_path = folder / summary["outputs"]["ome_zarr"]
     geojson = folder / summary["outputs"]["geojson"]

@@ -21,7 +21,8 @@ def add_segment_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per model batch (default: 32 on CPU, 128 on GPU)")
     p.add_argument("--mpp", type=float, default=None,
-                   help="slide pixel size in um/px, for slides without one")
+                   help="level-0 pixel size of the slide in um/px; needed for slides without "
+                        "one, and overrides the slide's own (a warning names both)")
     p.add_argument("--overlap", type=int, default=None,
                    help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
     p.add_argument("--chunk-size", type=int, default=2048,
@@ -82,7 +83,7 @@ def run(args) -> int:
     opts = options_from_args(args)
     opts.batch_size = args.batch_size or predictor.default_batch_size
     summary = segment_slide(args.slide, predictor, opts,
-                            echo=lambda m: print(f"wsiproto: {m}", file=sys.stderr))
+                            echo=lambda m: print(f"wsiproto: {m}", file=sys.stderr)).summary
     folder = Path(summary["outputs"]["folder"])
     pct = ", ".join(f"{k} {v:.1f}%" for k, v in summary["class_percent_of_tissue"].items())
     print(f"{summary['slide']['path']}: tissue {summary['tissue_area_mm2']:.2f} mm^2 ({pct})")

@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     predictor = load_predictor(args.model)  # device auto: CUDA when available
-    summary = segment_slide(args.slide, predictor, SegmentOptions(out=Path(args.out)), echo=print)
+    summary = segment_slide(args.slide, predictor, SegmentOptions(out=Path(args.out)), echo=print).summary
     folder = Path(summary["outputs"]["folder"])
 
     labels = zarr.open_group(str(folder / summary["outputs"]["ome_zarr"]), mode="r")["labels/tissue"]

@@ -291,4 +291,4 @@ def test_unwritable_out_is_one_line(cohort_inputs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder should go")
     proc = wsiproto("cohort", str(slides), "--out", str(blocker / "out"), env=ENV)
-    assert_one_line_error(proc, "not writable", str(blocker / "out"))
+    assert_one_line_error(proc, "is a file, not a folder", str(blocker))

@@ -45,7 +45,7 @@ def labels_of(folder, stem="layout", level=0):
 def reference_run(layout_slide, tmp_path_factory):
     path, _ = layout_slide
     out = tmp_path_factory.mktemp("ref")
-    summary = segment_slide(path, ColourStandIn(), options(out))
+    summary = segment_slide(path, ColourStandIn(), options(out)).summary
     return out, summary
 
 
@@ -185,8 +185,10 @@ def test_resume_after_a_crash_is_identical(reference_run, layout_slide, tmp_path
     assert not (folder / "layout.ome.zarr").exists() and not (folder / "layout.geojson").exists()
     assert len(list((folder / ".partial" / "done").iterdir())) == 2
     messages = []
-    summary = segment_slide(path, ColourStandIn(), options(tmp_path), echo=messages.append)
+    result = segment_slide(path, ColourStandIn(), options(tmp_path), echo=messages.append)
     assert any("resuming: 2 of" in m for m in messages)
+    assert result.chunks_resumed == 2 and result.resumed and not result.already_complete
+    summary = result.summary
     assert summary["chunks"]["run_now"] == summary["chunks"]["with_tissue"] - 2
     np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))
     # the chunks traced before the crash (their saved traces) and after it: the same GeoJSON
@@ -241,7 +243,7 @@ def test_rerun_is_a_no_op_and_other_configs_need_overwrite(layout_slide, tmp_pat
     with pytest.raises(WsiprotoError, match="--overwrite"):
         segment_slide(path, ColourStandIn(), options(tmp_path, overlap=16))
     summary = segment_slide(path, ColourStandIn(), options(tmp_path, overlap=16, overwrite=True,
-                                                           gzip=True, objects="detection"))
+                                                           gzip=True, objects="detection")).summary
     folder = tmp_path / "layout"
     assert summary["config"]["overlap"] == 16
     assert not (folder / "layout.geojson").exists()
@@ -256,7 +258,7 @@ def test_geojson_coordinates_are_level0_pixels_when_the_model_is_coarser(layout_
 
     path, _ = layout_slide
     summary = segment_slide(path, ColourStandIn(mpp=1.0, tile_size=64),
-                            options(tmp_path, overlap=16))
+                            options(tmp_path, overlap=16)).summary
     assert summary["label_frame"]["level0_px_per_label_px"] == pytest.approx(2.0)
     assert labels_of(tmp_path).shape == (H // 2, W // 2)
     data = json.loads((tmp_path / "layout" / "layout.geojson").read_text())
@@ -276,7 +278,7 @@ def test_blank_slide_gives_valid_empty_outputs(tmp_path):
                                  mpp=0.5, levels=2)
     messages = []
     summary = segment_slide(blank, ColourStandIn(), options(tmp_path / "out"),
-                            echo=messages.append)
+                            echo=messages.append).summary
     assert any("no tissue" in m for m in messages)
     data = json.loads((tmp_path / "out" / "blank" / "blank.geojson").read_text())
     assert data == {"type": "FeatureCollection", "features": []} or data["features"] == []
@@ -293,7 +295,7 @@ def test_bad_inputs(layout_slide, tmp_path):
         segment_slide(nompp, ColourStandIn(), options(tmp_path))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(WsiprotoError, match="not writable"):
+    with pytest.raises(WsiprotoError, match="a-file: is a file, not a folder; choose another"):
         segment_slide(path, ColourStandIn(), options(blocker / "sub"))
 
 
@@ -349,7 +351,8 @@ def test_resume_redoes_a_chunk_whose_trace_was_lost(reference_run, layout_slide,
     trace = partial / "traces" / f"{key}.npz"
     trace.write_bytes(trace.read_bytes()[:50])
     messages = []
-    summary = segment_slide(path, ColourStandIn(), options(tmp_path), echo=messages.append)
+    summary = segment_slide(path, ColourStandIn(), options(tmp_path),
+                            echo=messages.append).summary
     assert any("resuming: 1 of" in m for m in messages), messages
     assert summary["chunks"]["run_now"] == summary["chunks"]["with_tissue"] - 1
     np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))

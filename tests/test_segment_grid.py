@@ -110,16 +110,6 @@ def test_batch_runner_passes_errors_to_the_caller():
             runner.run(np.zeros((3, 8, 8, 3), np.uint8))
 
 
-@pytest.mark.parametrize("name,stem", [
-    ("a.svs", "a"), ("TCGA-CR-7395-01A-01-TS1.svs", "TCGA-CR-7395-01A-01-TS1"),
-    ("b.v2.ndpi", "b.v2"), ("c.ome.tiff", "c"), ("d.OME.TIF", "d"), ("noext", "noext"),
-])
-def test_slide_stem(name, stem):
-    from wsiproto.segment.pipeline import slide_stem
-
-    assert slide_stem(f"/data/{name}") == stem
-
-
 def test_closing_the_runner_releases_waiting_callers():
     """An interrupt closes the runner while chunk threads wait: they must return, not hang."""
     import time

@@ -84,9 +84,9 @@ MANIFEST_FIELDS = (
 
 def output_stem(path: str | os.PathLike) -> str:
     """The name of a slide's output folder, as :func:`segment_slide` derives it."""
-    from wsiproto.segment.pipeline import slide_stem
+    from wsiproto.segment.folder import output_name
 
-    return slide_stem(path)
+    return output_name(path).name
 
 
 def _slides_from_csv(path: Path) -> list[Path]:
@@ -400,13 +400,13 @@ def segment_task(slide: str, spec: WorkerSpec, options: SegmentOptions) -> dict:
         predictor, runner, load_s = worker_model(spec)
         result["model_load_s"] = load_s
         opts = dataclasses.replace(options, quiet=True, batch_size=runner.batch_size)
-        notes: list[str] = []
-        summary = segment_slide(slide, predictor, opts, runner=runner, echo=notes.append)
+        run = segment_slide(slide, predictor, opts, runner=runner)
+        summary = run.summary
         result.update(
             status="done",
             config_hash=summary["config_hash"],
-            already_complete=any("already complete" in n for n in notes),
-            resumed=any(n.startswith("resuming") for n in notes),
+            already_complete=run.already_complete,
+            resumed=run.resumed,
             segment_s=float(summary.get("timings", {}).get("total_s", 0.0)),
             tissue_area_mm2=summary.get("tissue_area_mm2"),
             class_area_mm2=summary.get("class_area_mm2", {}),
@@ -721,9 +721,9 @@ def run_cohort(
     echo = echo or (lambda m: print(f"wsiproto: {m}", file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     out = Path(options.out).expanduser().absolute()
-    from wsiproto.segment.pipeline import _ensure_writable
+    from wsiproto.segment.folder import ensure_writable
 
-    _ensure_writable(out)
+    ensure_writable(out)
     slides = discover_slides(inputs, exclude=out)
     folder = model_folder(model)
     key = run_key(folder, device, precision, tta, options)

@@ -48,6 +48,8 @@ from typing import Any, Callable
 import numpy as np
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.segment.folder import (FolderLock, ensure_writable, output_name, prepare_output,
+                                     remove_if_empty)
 from wsiproto.segment.grid import Chunk, ChunkGrid
 from wsiproto.segment.infer import BatchRunner, TilePredictor, blend_tiles
 from wsiproto.segment.threads import limit_malloc_arenas, lower_thread_priority, responsive_gil
@@ -112,16 +114,6 @@ def _class_table(predictor: TilePredictor) -> list[tuple[int, str, tuple[int, in
     return rows
 
 
-def slide_stem(path: str | os.PathLike) -> str:
-    """The name of a slide's output folder: its file name without the extension
-    (``a.svs`` -> ``a``, ``b.v2.ndpi`` -> ``b.v2``, ``c.ome.tiff`` -> ``c``)."""
-    name = Path(path).name
-    for double in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(double) and len(name) > len(double):
-            return name[: -len(double)]
-    return Path(name).stem or name
-
-
 def _slide_identity(path: Path) -> dict:
     st = path.stat()
     return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -130,19 +122,6 @@ def _slide_identity(path: Path) -> dict:
 def config_hash(config: dict) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _ensure_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise WsiprotoError(
-            f"output folder is not writable ({exc.strerror or exc})", path=folder,
-            hint="choose another --out or fix its permissions",
-        ) from exc
 
 
 class _Progress:
@@ -620,41 +599,27 @@ class _Finisher:
         self._pool.shutdown(wait=True)
 
 
-def _prepare_output(folder: Path, stem: str, cfg_hash: str, overwrite: bool) -> tuple[bool, Path]:
-    """(already complete?, partial dir). Refuses to touch results of another config."""
-    summary = folder / "summary.json"
-    partial = folder / ".partial"
-    if summary.exists():
-        try:
-            old = json.loads(summary.read_text()).get("config_hash")
-        except (OSError, ValueError):
-            old = None
-        if old == cfg_hash and not overwrite:
-            return True, partial
-        if old != cfg_hash and not overwrite:
-            raise WsiprotoError(
-                "holds results of a different configuration", path=folder,
-                hint="pass --overwrite to replace them, or choose another --out",
-            )
-    if partial.exists():
-        try:
-            old = json.loads((partial / "config.json").read_text()).get("config_hash")
-        except (OSError, ValueError):
-            old = None
-        if old != cfg_hash and not overwrite:
-            raise WsiprotoError(
-                "holds an unfinished run with a different configuration", path=folder,
-                hint="rerun with the same options to resume it, or pass --overwrite",
-            )
-    if overwrite:
-        for name in (".partial", "summary.json", "overlay.png", f"{stem}.ome.zarr",
-                     f"{stem}.geojson", f"{stem}.geojson.gz"):
-            p = folder / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    return False, partial
+@dataclass
+class SegmentResult:
+    """What :func:`segment_slide` did: the summary (as written to ``summary.json``), where,
+    and how the run went. ``already_complete``: the folder held this configuration's finished
+    results and nothing ran; ``chunks_resumed``: chunks an interrupted earlier run had finished
+    (not run again)."""
+
+    summary: dict
+    folder: Path
+    already_complete: bool = False
+    chunks_resumed: int = 0
+    chunks_run: int = 0
+    tiles_run: int = 0
+
+    @property
+    def resumed(self) -> bool:
+        return self.chunks_resumed > 0
+
+    @property
+    def timings(self) -> dict:
+        return self.summary.get("timings", {})
 
 
 def segment_slide(
@@ -665,11 +630,12 @@ def segment_slide(
     model_info: dict | None = None,
     runner: BatchRunner | None = None,
     echo: Callable[[str], None] | None = None,
-) -> dict:
-    """Segment one slide; returns the summary (also written to ``summary.json``).
+) -> SegmentResult:
+    """Segment one slide into ``OUT/<name>/``; the summary is also written to ``summary.json``.
 
     ``runner``: a shared :class:`BatchRunner` (cohorts reuse one per worker); by default one is
-    made for this slide and closed at the end.
+    made for this slide and closed at the end. The folder is locked for the run (a second run
+    into it fails at once); a run that fails before writing anything leaves no folder behind.
 
     One process-wide effect: the first call limits glibc's malloc to one arena shared by all
     threads (bounded memory when buffers cross threads, see ``threads.limit_malloc_arenas``;
@@ -689,70 +655,105 @@ def segment_slide(
         gc.unfreeze()
 
 
-def _segment_slide(slide_path, predictor, options, model_info, runner, echo) -> dict:
-    from wsiproto.slide import Slide, detect_tissue
+def _check_scale(slide, model_mpp: float) -> float:
+    """Level-0 px per label px; refuses more than MAX_UPSAMPLING."""
+    scale = model_mpp / slide.require_mpp()
+    if scale < 1.0 / MAX_UPSAMPLING:
+        raise WsiprotoError(
+            f"the model works at {model_mpp:g} um/px but the slide is {slide.mpp:g} um/px: "
+            f"that needs {1 / scale:.1f}x upsampling (more than {MAX_UPSAMPLING:g}x)",
+            path=slide.path,
+            hint="use a model trained at a coarser resolution, or check the slide's mpp / --mpp",
+        )
+    return scale
+
+
+def _segment_slide(slide_path, predictor, options, model_info, runner, echo) -> SegmentResult:
+    from wsiproto.slide import Slide
 
     opts = options or SegmentOptions()
     echo = echo or (lambda msg: None)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
+    naming = output_name(slide_path)
+    folder = Path(opts.out) / naming.name
     slide = Slide(slide_path, backend=opts.backend, mpp=opts.mpp)
     try:
-        slide_mpp = slide.require_mpp()
         model_mpp = float(predictor.mpp)
-        scale = model_mpp / slide_mpp
-        if scale < 1.0 / MAX_UPSAMPLING:
-            raise WsiprotoError(
-                f"the model works at {model_mpp:g} um/px but the slide is {slide_mpp:g} um/px: "
-                f"that needs {1 / scale:.1f}x upsampling (more than {MAX_UPSAMPLING:g}x)",
-                path=slide.path,
-                hint="use a model trained at a coarser resolution, or check the slide's mpp / --mpp",
-            )
+        scale = _check_scale(slide, model_mpp)
+        if slide.mpp_source == "user" and slide.native_mpp is not None \
+                and abs(slide.native_mpp / slide.mpp - 1) > 0.05:
+            echo(f"warning: {slide.path}: --mpp {slide.mpp:g} overrides the slide's own "
+                 f"{slide.native_mpp:g} um/px")
         tile = int(predictor.tile_size)
         overlap = tile // 4 if opts.overlap is None else int(opts.overlap)
         if not 0 <= overlap < tile:
             raise WsiprotoError(f"--overlap must be between 0 and {tile - 1} px (got {overlap})")
-        if opts.chunk % opts.zarr_chunk:
-            raise WsiprotoError(
-                f"chunk size {opts.chunk} is not a multiple of the zarr chunk {opts.zarr_chunk}"
-            )
+        if opts.chunk <= 0 or opts.chunk % opts.zarr_chunk:
+            raise WsiprotoError(f"--chunk-size must be a positive multiple of {opts.zarr_chunk} "
+                                f"(got {opts.chunk})", hint=f"e.g. --chunk-size 2048")
         fw, fh = slide.size
         height, width = max(1, math.ceil(fh / scale)), max(1, math.ceil(fw / scale))
         grid = ChunkGrid(height, width, opts.chunk, tile, overlap)
-        stem = slide_stem(slide.path)
-        folder = Path(opts.out) / stem
-        _ensure_writable(folder)
-        classes = _class_table(predictor)
-        config = {
-            "schema": SCHEMA,
-            "slide": _slide_identity(slide.path),
-            "slide_mpp": slide_mpp,
-            "model": model_info or getattr(predictor, "describe", lambda: {})(),
-            "options": {**opts.output_config(), "overlap": overlap},
-        }
-        cfg_hash = config_hash(config)
-        complete, partial = _prepare_output(folder, stem, cfg_hash, opts.overwrite)
-        if complete:
-            echo(f"{folder}: already complete for this configuration (hash {cfg_hash}); "
-                 "nothing to do (--overwrite to redo)")
-            return json.loads((folder / "summary.json").read_text())
-
-        t0 = time.perf_counter()
-        tissue = detect_tissue(slide)
-        timings["tissue_s"] = time.perf_counter() - t0
-
-        summary = _run_chunks_and_export(
-            slide, predictor, opts, grid, scale, model_mpp, tissue, folder, partial, stem,
-            classes, config, cfg_hash, timings, runner, echo,
-        )
+        existed = folder.exists()
+        ensure_writable(folder)
+        lock = FolderLock(folder)
+        try:
+            lock.acquire()
+        except BaseException:
+            if not existed:
+                remove_if_empty(folder)
+            raise
+        try:
+            return _run_locked(slide, predictor, opts, grid, scale, folder, naming, model_info,
+                               runner, echo)
+        except BaseException:
+            if not existed:
+                remove_if_empty(folder)
+            raise
+        finally:
+            lock.release()
     finally:
         slide.close()
-    summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    from wsiproto.files import write_json_atomic
 
+
+def _run_locked(slide, predictor, opts, grid, scale, folder, naming, model_info, runner,
+                echo) -> SegmentResult:
+    from wsiproto.files import write_json_atomic
+    from wsiproto.slide import detect_tissue
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    stem = naming.name
+    classes = _class_table(predictor)
+    config = {
+        "schema": SCHEMA,
+        "slide": _slide_identity(slide.path),
+        "slide_mpp": slide.mpp,
+        "model": model_info or getattr(predictor, "describe", lambda: {})(),
+        "options": {**opts.output_config(), "overlap": grid.overlap},
+    }
+    cfg_hash = config_hash(config)
+    complete, partial = prepare_output(folder, stem, cfg_hash, opts.overwrite)
+    if complete:
+        echo(f"{folder}: already complete for this configuration (hash {cfg_hash}); "
+             "nothing to do (--overwrite to redo)")
+        summary = json.loads((folder / "summary.json").read_text())
+        return SegmentResult(summary, folder, already_complete=True)
+
+    t0 = time.perf_counter()
+    tissue = detect_tissue(slide)
+    timings["tissue_s"] = time.perf_counter() - t0
+    summary = _run_chunks_and_export(
+        slide, predictor, opts, grid, scale, float(predictor.mpp), tissue, folder, partial,
+        stem, classes, config, cfg_hash, timings, runner, echo,
+    )
+    summary["output_name"] = naming.describe()
+    summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     write_json_atomic(folder / "summary.json", summary)
     shutil.rmtree(partial, ignore_errors=True)
-    return summary
+    chunks = summary["chunks"]
+    return SegmentResult(summary, folder,
+                         chunks_resumed=chunks["with_tissue"] - chunks["run_now"],
+                         chunks_run=chunks["run_now"], tiles_run=summary["tiles"]["run_now"])
 
 
 def _open_writer(partial: Path, stem: str, grid: ChunkGrid, model_mpp: float, classes, opts,
@@ -998,5 +999,5 @@ def _write_overlay(labels, thumb, folder, classes, percent, stem) -> None:
     save_png_atomic(folder / "overlay.png", img)
 
 
-__all__ = ["SegmentOptions", "SimulatedCrash", "chunk_workers", "config_hash", "finish_parts", "infer_chunk",
-           "segment_slide", "slide_stem"]
+__all__ = ["SegmentOptions", "SegmentResult", "SimulatedCrash", "chunk_workers", "config_hash",
+           "finish_parts", "infer_chunk", "segment_slide"]

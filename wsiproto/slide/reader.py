@@ -138,8 +138,9 @@ class Slide:
     """A whole-slide image: geometry, pixel size, associated images and region reads.
 
     ``backend``: ``"auto"`` (OpenSlide, else tiffslide), ``"openslide"`` or ``"tiffslide"``.
-    ``mpp``: pixel size in um/px used when the slide itself has none (vendor metadata first,
-    then TIFF resolution tags, then this value; else ``mpp`` is ``None``, "unknown").
+    ``mpp``: the level-0 pixel size in um/px to use instead of the slide's own (``mpp_source``
+    is then ``"user"``; ``native_mpp`` keeps what the slide says). Without it: vendor metadata,
+    then TIFF resolution tags, else ``mpp`` is ``None`` ("unknown").
     ``fill``: the RGB value of pixels outside the slide or transparent in it.
 
     A Slide is a context manager and picklable: the pickle holds the path and options, and the
@@ -159,8 +160,11 @@ class Slide:
             raise WsiprotoError(
                 f"unknown slide backend {backend!r}", hint=f"use auto, {', '.join(BACKENDS)}"
             )
-        if mpp is not None and not (_float_or_none(mpp)):
-            raise WsiprotoError(f"invalid --mpp {mpp!r}", hint="give a positive number in um/px")
+        if mpp is not None and not (_PLAUSIBLE_MPP[0] <= (_float_or_none(mpp) or 0) <= _PLAUSIBLE_MPP[1]):
+            raise WsiprotoError(
+                f"--mpp {mpp!r} is not a whole-slide pixel size",
+                hint=f"give the level-0 pixel size in um/px, between {_PLAUSIBLE_MPP[0]:g} and "
+                     f"{_PLAUSIBLE_MPP[1]:g} (e.g. 0.5 for a 20x scan, 0.25 for 40x)")
         self.requested_backend = backend
         self.user_mpp = None if mpp is None else float(mpp)
         fill_rgb = (fill,) * 3 if isinstance(fill, (int, np.integer)) else tuple(fill)
@@ -264,13 +268,17 @@ class Slide:
 
         mx, my = _float_or_none(self._prop("mpp-x")), _float_or_none(self._prop("mpp-y"))
         if mx and my:
-            self.mpp_xy, self.mpp_source = (mx, my), "vendor"
+            native, source = (mx, my), "vendor"
         elif (tags := _mpp_from_tiff_tags(self.path)) is not None:
-            self.mpp_xy, self.mpp_source = tags, "tiff-resolution"
-        elif self.user_mpp is not None:
+            native, source = tags, "tiff-resolution"
+        else:
+            native, source = None, None
+        self.native_mpp = None if native is None else (native[0] + native[1]) / 2
+        self.native_mpp_source = source
+        if self.user_mpp is not None:  # the user's value wins over the slide's own
             self.mpp_xy, self.mpp_source = (self.user_mpp, self.user_mpp), "user"
         else:
-            self.mpp_xy, self.mpp_source = None, None
+            self.mpp_xy, self.mpp_source = native, source
 
     @property
     def mpp(self) -> float | None:
