@@ -17,13 +17,14 @@ from wsiproto import __version__
 from wsiproto.errors import WsiprotoError
 
 from . import cohort, demo, evaluate, info, pseudo_masks, sample, segment, train
+from .options import OneLineParser
 
 COMMANDS = (info, segment, cohort, train, evaluate, pseudo_masks, sample, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     examples = "\n".join(f"  {m.EXAMPLE}" for m in COMMANDS)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="wsiproto",
         description=(
             "DualProtoSeg weakly supervised tissue segmentation for whole-slide images: "

@@ -7,6 +7,8 @@ slide without ``--skip-errors`` (the run stops there, the manifest says what was
 
 from __future__ import annotations
 
+from .options import non_negative_int, positive_int
+
 EXAMPLE = ("wsiproto cohort slides/ --model runs/bcss --out cohort --skip-errors   "
            "# -> cohort/manifest.csv, cohort/cohort.csv, cohort/<slide>/...")
 
@@ -32,7 +34,7 @@ def register(sub) -> None:
     add_segment_options(p)
     where = p.add_argument_group("where the slides run (one of)")
     excl = where.add_mutually_exclusive_group()
-    excl.add_argument("--workers", type=int, default=None,
+    excl.add_argument("--workers", type=positive_int, default=None,
                       help="local cluster of N worker processes (default: one per GPU, or "
                            "one per 4 CPU cores, at least 2)")
     excl.add_argument("--scheduler", metavar="ADDRESS", default=None,
@@ -40,24 +42,24 @@ def register(sub) -> None:
                            "start them with `--resources GPU=1`)")
     excl.add_argument("--slurm", action="store_true",
                       help="submit SLURM jobs through dask-jobqueue (--slurm-* options)")
-    p.add_argument("--chunk-workers", type=int, default=None,
+    p.add_argument("--chunk-workers", type=positive_int, default=None,
                    help="chunks in flight within one slide (default: 1 with the model on a "
                         "CPU, 2 on a GPU)")
     p.add_argument("--skip-errors", action="store_true",
                    help="go on past slides that fail (exit code 1 if any did); default: stop at "
                         "the first failure")
-    p.add_argument("--retries", type=int, default=1,
+    p.add_argument("--retries", type=non_negative_int, default=1,
                    help="extra attempts for unexpected errors (not for unreadable slides); "
                         "default 1")
     s = p.add_argument_group("SLURM (with --slurm)")
     s.add_argument("--slurm-queue", default=None, help="partition (#SBATCH -p)")
     s.add_argument("--slurm-account", default=None, help="account (#SBATCH -A)")
-    s.add_argument("--slurm-cores", type=int, default=8, help="cores per job (default 8)")
+    s.add_argument("--slurm-cores", type=positive_int, default=8, help="cores per job (default 8)")
     s.add_argument("--slurm-memory", default="32GB", help="memory per job (default 32GB)")
     s.add_argument("--slurm-walltime", default="04:00:00", help="per job (default 04:00:00)")
-    s.add_argument("--slurm-gpus", type=int, default=0,
+    s.add_argument("--slurm-gpus", type=non_negative_int, default=0,
                    help="GPUs per job; one worker process per GPU (default 0)")
-    s.add_argument("--slurm-jobs", type=int, default=4,
+    s.add_argument("--slurm-jobs", type=positive_int, default=4,
                    help="jobs to submit, i.e. the most that run at once (default 4)")
     s.add_argument("--slurm-extra", action="append", default=[], metavar="DIRECTIVE",
                    help="another #SBATCH directive, e.g. --slurm-extra=--qos=long (repeatable)")

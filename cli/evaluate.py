@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import non_negative_int, positive_int
+
 EXAMPLE = "wsiproto evaluate --model runs/bcss --data BCSS-WSSS --split test --protocol oracle"
 
 
@@ -12,7 +14,7 @@ def add_model_data_options(p) -> None:
     p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
     p.add_argument("--tta", action="store_true", help="flip and brightness test-time augmentation")
     p.add_argument("--crf", action="store_true", help="dense CRF refinement (needs wsiproto[crf])")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
@@ -28,7 +30,7 @@ def register(sub) -> None:
                    help="presence from the model's calibrated probabilities (predicted) or from "
                         "the ground-truth labels (oracle, the published protocol)")
     add_model_data_options(p)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes")
     p.add_argument("--save", default=None,
                    help="where to save the JSON (default: MODEL/eval-SPLIT-PROTOCOL[-tta][-crf].json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

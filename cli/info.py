@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import positive_float
+
 import json
 
 EXAMPLE = "wsiproto info slide.svs --json            # size, levels, mpp, bounds, tissue"
@@ -15,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--backend", default="auto", choices=("auto", "openslide", "tiffslide"),
                    help="slide reader (default: OpenSlide, else tiffslide)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=positive_float, default=None,
                    help="pixel size in um/px to use when the slide has none")
     p.add_argument("--no-tissue", action="store_true", help="skip tissue detection")
     p.set_defaults(func=run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import non_negative_int, positive_float, positive_int
+
 EXAMPLE = ("wsiproto segment slide.svs --model runs/bcss --out results   "
            "# -> results/slide/slide.ome.zarr, .geojson, summary.json, overlay.png")
 
@@ -18,16 +20,16 @@ def add_segment_options(p) -> None:
                         "(faster on CPUs with AMX)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation (flips x brightness; 9x the model work)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="tiles per model batch (default: 32 on CPU, 128 on GPU)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=positive_float, default=None,
                    help="level-0 pixel size of the slide in um/px; needed for slides without "
                         "one, and overrides the slide's own (a warning names both)")
-    p.add_argument("--overlap", type=int, default=None,
+    p.add_argument("--overlap", type=non_negative_int, default=None,
                    help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
-    p.add_argument("--chunk-size", type=int, default=2048,
+    p.add_argument("--chunk-size", type=positive_int, default=2048,
                    help="output chunk side in label pixels, a multiple of 512 (default 2048)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="chunks in flight (reading, cutting, blending); default: 1 with the "
                         "model on a CPU, 2 on a GPU")
     p.add_argument("--ngff-version", default="0.5", choices=("0.5", "0.4"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import non_negative_float, non_negative_int, positive_float, positive_int
+
 EXAMPLE = ("wsiproto train --data BCSS-WSSS --preset dualproto-vitb16 --pretrained quilt.pt "
            "--out runs/bcss")
 
@@ -23,19 +25,19 @@ def register(sub) -> None:
                    choices=("auto", "bcss", "luad-histoseg", "wsss4luad", "generic"),
                    help="dataset layout (auto: detected from file names and masks)")
     p.add_argument("--csv", default=None, help="label CSV of a generic dataset")
-    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (20)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the preset's (20)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: the preset's (64 for vitb16, 16 for tiny)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="AdamW learning rate, poly decay (default: 5e-5 vitb16, 1e-3 tiny)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-3")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: 1e-3")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order, augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="data loading processes (default: cores - 1, at most 8)")
     p.add_argument("--val-split", default="auto", choices=("auto", "none", "val", "test"),
                    help="split for validation and checkpoint selection (auto: val when present)")
-    p.add_argument("--max-val", type=int, default=None,
+    p.add_argument("--max-val", type=positive_int, default=None,
                    help="validate on at most this many images per epoch (a fixed random subset)")
     p.add_argument("--select-by", default="oracle", choices=("oracle", "predicted"),
                    help="protocol whose val mIoU selects best/ (predicted: one more pass per epoch)")
@@ -43,7 +45,7 @@ def register(sub) -> None:
                    help="compute the frozen backbone's features once and train the head from them")
     p.add_argument("--cache-views", type=int, default=8, choices=(1, 2, 4, 8),
                    help="dihedral views cached per image (augmentation; default 8)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
