@@ -38,11 +38,11 @@ def positive_float(text: str) -> float:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line on stderr (``wsiproto segment: error: ...; see --help``),
-    exit code 2, as every other user error."""
+    """Usage errors in one line on stderr (``wsiproto: error: argument --mpp: ...; see
+    `wsiproto info --help```), exit code 2, as every other user error."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"wsiproto: error: {message}; see `{self.prog} --help`\n")
 
 
 def non_negative_float(text: str) -> float:
