@@ -628,25 +628,17 @@ def model_folder(model: str | os.PathLike | None) -> Path:
     """The absolute folder of the model the workers will load (checked here, on the client)."""
     from wsiproto.segment.predictor import resolve_model_dir
 
-    if model is None:
-        folder = Path(__file__).resolve().parent / "model" / "default"
-        if not (folder / "config.json").is_file():
-            raise WsiprotoError(
-                "no --model given and this installation has no bundled default model",
-                hint="pass --model with a folder written by save_model or `wsiproto train`",
-            )
-        return folder
-    return resolve_model_dir(model).absolute()
+    return resolve_model_dir(model)
 
 
 def run_key(folder: Path, device: str, precision: str, tta: bool,
             options: SegmentOptions) -> str:
     """What must match for an earlier ``done`` to count without asking a worker."""
-    from wsiproto.segment.pipeline import SCHEMA, config_hash
-    from wsiproto.segment.predictor import _weights_digest
+    from wsiproto.segment import SCHEMA, config_hash
+    from wsiproto.segment.predictor import weights_digest
 
     return config_hash({
-        "model": str(folder), "weights": _weights_digest(folder), "device": device,
+        "model": str(folder), "weights": weights_digest(folder), "device": device,
         "precision": precision, "tta": tta, "options": options.output_config(),
         "schema": SCHEMA,
     })

@@ -76,6 +76,8 @@ class SegmentOptions:
     gzip: bool = False
     probabilities: bool = False
     image: bool = True  # write the RGB image the labels annotate into the zarr
+    roi: str | None = None  # a QuPath GeoJSON of regions: segment only inside them
+    roi_class: str | None = None  # only the ROI features of this classification
     overwrite: bool = False
     quiet: bool = False
     # chunk tasks in flight (threads cutting and blending); as many chunks are read ahead and
@@ -86,7 +88,7 @@ class SegmentOptions:
 
     def output_config(self) -> dict:
         keys = ("overlap", "chunk", "zarr_chunk", "mpp", "ngff_version", "objects", "gzip",
-                "probabilities", "image")
+                "probabilities", "image", "roi", "roi_class")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -112,11 +114,6 @@ def _class_table(predictor: TilePredictor) -> list[tuple[int, str, tuple[int, in
     bg_name, bg_rgb = predictor.background
     rows.append((len(rows) + 1, bg_name, tuple(bg_rgb)))
     return rows
-
-
-def _slide_identity(path: Path) -> dict:
-    st = path.stat()
-    return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def config_hash(config: dict) -> str:
@@ -153,8 +150,8 @@ class _Progress:
 class _SlidePool:
     """One Slide handle per thread, so chunk tasks decode in parallel."""
 
-    def __init__(self, path: Path, backend: str, mpp: float | None):
-        self._args = (path, backend, mpp)
+    def __init__(self, slide):
+        self._slide = slide
         self._local = threading.local()
         self._all: list = []
         self._lock = threading.Lock()
@@ -162,10 +159,7 @@ class _SlidePool:
     def get(self):
         slide = getattr(self._local, "slide", None)
         if slide is None:
-            from wsiproto.slide import Slide
-
-            path, backend, mpp = self._args
-            slide = Slide(path, backend=backend, mpp=mpp)
+            slide = self._slide.clone()
             self._local.slide = slide
             with self._lock:
                 self._all.append(slide)
@@ -662,7 +656,7 @@ def _check_scale(slide, model_mpp: float) -> float:
         raise WsiprotoError(
             f"the model works at {model_mpp:g} um/px but the slide is {slide.mpp:g} um/px: "
             f"that needs {1 / scale:.1f}x upsampling (more than {MAX_UPSAMPLING:g}x)",
-            path=slide.path,
+            path=slide.source,
             hint="use a model trained at a coarser resolution, or check the slide's mpp / --mpp",
         )
     return scale
@@ -681,7 +675,7 @@ def _segment_slide(slide_path, predictor, options, model_info, runner, echo) -> 
         scale = _check_scale(slide, model_mpp)
         if slide.mpp_source == "user" and slide.native_mpp is not None \
                 and abs(slide.native_mpp / slide.mpp - 1) > 0.05:
-            echo(f"warning: {slide.path}: --mpp {slide.mpp:g} overrides the slide's own "
+            echo(f"warning: {slide.source}: --mpp {slide.mpp:g} overrides the slide's own "
                  f"{slide.native_mpp:g} um/px")
         tile = int(predictor.tile_size)
         overlap = tile // 4 if opts.overlap is None else int(opts.overlap)
@@ -726,7 +720,7 @@ def _run_locked(slide, predictor, opts, grid, scale, folder, naming, model_info,
     classes = _class_table(predictor)
     config = {
         "schema": SCHEMA,
-        "slide": _slide_identity(slide.path),
+        "slide": slide.identity(),
         "slide_mpp": slide.mpp,
         "model": model_info or getattr(predictor, "describe", lambda: {})(),
         "options": {**opts.output_config(), "overlap": grid.overlap},
@@ -801,14 +795,13 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
     done -= lost
     todo = [c for c in with_tissue if c.key not in done]
     if not with_tissue:
-        log.warning("%s: no tissue found; writing empty outputs", slide.path)
-        echo(f"warning: {slide.path}: no tissue detected; the outputs are valid but empty")
+        echo(f"warning: {slide.source}: no tissue detected; the outputs are valid but empty")
     elif len(todo) < len(with_tissue):
         echo(f"resuming: {len(with_tissue) - len(todo)} of {len(with_tissue)} chunks already done")
 
     own_runner = runner is None
     runner = runner or BatchRunner(predictor, batch_size=opts.batch_size)
-    pool = _SlidePool(slide.path, slide.backend, opts.mpp)
+    pool = _SlidePool(slide)
     tissue_classes = classes[:-1]  # background inside tissue is not exported as objects
     run = _Run(grid, scale, model_mpp, tissue, pool, runner, None, done_dir,
                opts.probabilities, opts.image, len(classes) + 1,
@@ -942,7 +935,7 @@ def _run_chunks_and_export(slide, predictor, opts, grid, scale, model_mpp, tissu
 
     return {
         "slide": {
-            "path": str(slide.path), "backend": slide.backend, "vendor": slide.vendor,
+            "path": slide.source, "backend": slide.backend, "vendor": slide.vendor,
             "width": slide.size[0], "height": slide.size[1], "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
         },

@@ -23,10 +23,20 @@ from wsiproto.errors import WsiprotoError
 from wsiproto.files import update_sha256
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A folder holding a saved model: the folder itself, or the best/last checkpoint of a
-    ``wsiproto train`` run folder."""
-    p = Path(path).expanduser()
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "model" / "default"
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> Path:
+    """The absolute folder holding a saved model: ``path`` itself, or the best/last checkpoint
+    of a ``wsiproto train`` run folder; ``None``: the model bundled with wsiproto."""
+    if path is None:
+        if not (BUNDLED_MODEL / "config.json").is_file():
+            raise WsiprotoError(
+                "no --model given and this installation has no bundled default model",
+                hint="pass --model with a folder written by save_model or `wsiproto train`",
+            )
+        return BUNDLED_MODEL
+    p = Path(path).expanduser().absolute()
     if not p.exists():
         raise WsiprotoError("no such model folder", path=p,
                             hint="pass a folder written by save_model or `wsiproto train`")
@@ -39,7 +49,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
                         hint="pass a folder written by save_model or `wsiproto train`")
 
 
-def _weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str:
+    """16 hex digits of the SHA-256 of a model folder's weights and config."""
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
         update_sha256(digest, f)
@@ -124,15 +135,7 @@ def load_predictor(model: str | os.PathLike | None, *, device: str = "auto",
     """The predictor of a saved model folder (``None``: the bundled default model)."""
     from wsiproto.model import load_model
 
-    if model is None:
-        folder = Path(__file__).resolve().parents[1] / "model" / "default"
-        if not (folder / "config.json").is_file():
-            raise WsiprotoError(
-                "no --model given and this installation has no bundled default model",
-                hint="pass --model with a folder written by save_model or `wsiproto train`",
-            )
-    else:
-        folder = resolve_model_dir(model)
+    folder = resolve_model_dir(model)
     net = load_model(folder)
     return DualProtoPredictor(net, device=device, precision=precision, tta=tta,
-                              source=str(folder), digest=_weights_digest(folder))
+                              source=str(folder), digest=weights_digest(folder))

@@ -221,6 +221,22 @@ class Slide:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def source(self) -> str:
+        """Where the slide is, as outputs and messages may show it."""
+        return str(self.path)
+
+    def identity(self) -> dict:
+        """What tells this slide's content apart from another's without reading it all: name,
+        size in bytes and modification time (a changed file invalidates earlier results)."""
+        st = self.path.stat()
+        return {"name": self.path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def clone(self) -> Slide:
+        """A second, independent handle on the same slide with the same options (one per
+        reading thread)."""
+        return Slide(self.path, backend=self.backend, mpp=self.user_mpp, fill=self.fill)
+
     def __getstate__(self) -> dict:
         return {
             "path": str(self.path),
