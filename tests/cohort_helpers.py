@@ -81,3 +81,42 @@ def popen_wsiproto(*args: str, cwd: Path | None = None, env: dict | None = None
     return subprocess.Popen([sys.executable, "-m", "wsiproto", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+class MidSlideKiller:
+    """While a cohort runs on ``client``'s workers into ``out``: SIGKILL the worker process
+    running a slide that has finished chunks but no summary yet, once. ``killed``: (folder,
+    worker address). Use as a context manager around the run."""
+
+    def __init__(self, client, out: Path):
+        import threading
+
+        self.client, self.out = client, out
+        self.pids = client.run(os.getpid)  # worker address -> pid
+        self.killed: list[tuple[str, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import signal
+        import time
+
+        while not self.stop.is_set():
+            for done in self.out.glob("*/.partial/done"):
+                stem = done.parent.parent.name
+                if not any(done.iterdir()) or (self.out / stem / "summary.json").exists():
+                    continue
+                for addr, keys in self.client.processing().items():
+                    if addr in self.pids and any(f"segment-{stem}-" in str(k) for k in keys):
+                        os.kill(self.pids[addr], signal.SIGKILL)
+                        self.killed.append((stem, addr))
+                        return
+            time.sleep(0.02)
+
+    def __enter__(self) -> MidSlideKiller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)

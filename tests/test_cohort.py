@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from cohort_helpers import (listening, manifest_rows, popen_wsiproto, tree, truncated_copy,
-                            write_slides)
+from cohort_helpers import (MidSlideKiller, listening, manifest_rows, popen_wsiproto, tree,
+                            truncated_copy, write_slides)
 from test_cli import assert_one_line_error, wsiproto
 
 ENV = {"HF_HUB_OFFLINE": "1"}
@@ -214,33 +213,11 @@ def test_worker_killed_mid_slide_still_finishes(client, cohort_inputs, tmp_path)
     slides, _ = cohort_inputs
     good = sorted(slides.glob("case*.svs"))
     out = tmp_path / "out"
-    pids = client.run(os.getpid)  # worker address -> pid
-    killed: list[tuple[str, str]] = []
-    stop = threading.Event()
-
-    def kill_a_worker_mid_slide():
-        """SIGKILL the worker process running a slide that has finished chunks but no result."""
-        while not stop.is_set():
-            for done_dir in out.glob("*/.partial/done"):
-                stem = done_dir.parent.parent.name
-                if not any(done_dir.iterdir()) or (out / stem / "summary.json").exists():
-                    continue
-                for addr, keys in client.processing().items():
-                    if addr in pids and any(f"segment-{stem}-" in str(k) for k in keys):
-                        os.kill(pids[addr], signal.SIGKILL)
-                        killed.append((stem, addr))
-                        return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_a_worker_mid_slide, daemon=True)
-    killer.start()
     lines: list[str] = []
-    try:
+    with MidSlideKiller(client, out) as killer:
         result = run_cohort(good, SegmentOptions(out=out, chunk=512), device="cpu",
                             client=client, skip_errors=True, echo=lines.append)
-    finally:
-        stop.set()
-        killer.join(timeout=5)
+    killed = killer.killed
     assert killed, "no slide was caught mid-run"
     assert result.all_done and result.counts["done"] == 4 and result.ran == 4
     stem, dead = killed[0]

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from cohort_helpers import manifest_rows, popen_wsiproto, write_slides
+from cohort_helpers import MidSlideKiller, manifest_rows, popen_wsiproto, write_slides
 from test_cli import assert_one_line_error, wsiproto
 
 
@@ -57,32 +55,11 @@ def test_cohort_on_a_scheduler_survives_a_worker_killed_mid_slide(dask_deploymen
     address, client = dask_deployment
     paths = write_slides(tmp_path / "slides", ["s0.svs", "s1.svs", "s2.svs"], 2048, 1024)
     out = tmp_path / "out"
-    pids = client.run(os.getpid)
-    killed: list[tuple[str, str]] = []
-    stop = threading.Event()
-
-    def kill_a_worker_mid_slide():
-        while not stop.is_set():
-            for done in out.glob("*/.partial/done"):
-                stem = done.parent.parent.name
-                if not any(done.iterdir()) or (out / stem / "summary.json").exists():
-                    continue
-                for addr, keys in client.processing().items():
-                    if any(f"segment-{stem}-" in str(k) for k in keys):
-                        os.kill(pids[addr], signal.SIGKILL)
-                        killed.append((stem, addr))
-                        return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_a_worker_mid_slide, daemon=True)
-    killer.start()
-    proc = popen_wsiproto("cohort", str(tmp_path / "slides"), "--scheduler", address,
-                          "--out", str(out), "--chunk-size", "512")
-    try:
+    with MidSlideKiller(client, out) as killer:
+        proc = popen_wsiproto("cohort", str(tmp_path / "slides"), "--scheduler", address,
+                              "--out", str(out), "--chunk-size", "512")
         stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        stop.set()
-        killer.join(5)
+    killed = killer.killed
     assert proc.returncode == 0, stderr
     assert f"scheduler {address}: 2 worker(s)" in stderr
     assert "dask dashboard: http://127.0.0.1:" in stderr

@@ -14,7 +14,8 @@ interface); its dashboard stays on 127.0.0.1.
 Lost workers: the scheduler of a cluster the cohort starts gives a slide whose worker died
 (killed, out of memory, end of a SLURM job) ``retries`` more tries (dask's
 ``allowed-failures``), then reports it; :meth:`Session.lost_reason` says why a SLURM job ended
-(walltime, cancelled, out of memory), from ``scontrol``.
+(walltime, cancelled, out of memory), from ``scontrol``; :meth:`Session.tick` brings the
+cluster back to its size (a local worker the nanny did not restart, a SLURM job that ended).
 """
 
 from __future__ import annotations
@@ -89,19 +90,21 @@ class Session:
     resources: dict | None = None
     spec_updates: dict = field(default_factory=dict)  # WorkerSpec fields for these workers
     description: str = ""
-    jobs: int = 0  # SLURM: jobs kept running
-    walltime: str = ""
+    size: dict = field(default_factory=dict)  # cluster.scale() arguments: n=... or jobs=...
+    walltime: str = ""  # SLURM's, when the workers are SLURM jobs
     config: Any = None  # dask settings held while the cluster runs (restored by close)
 
     def tick(self) -> None:
-        """Called now and then by the run loop: replace SLURM jobs that ended."""
-        if self.jobs and self.cluster is not None:
-            self.cluster.scale(jobs=self.jobs)
+        """Called now and then by the run loop: replace workers (local) or jobs (SLURM) that
+        were lost. A nanny does restart a killed worker, but not always (a worker killed as it
+        starts), and a SLURM job that ended is not resubmitted by itself."""
+        if self.size and self.cluster is not None:
+            self.cluster.scale(**self.size)
 
     def lost_reason(self, job: str) -> tuple[str, str]:
         """(why the SLURM job ``job`` ended, what to do) in words; ("", "") when unknown or
         not SLURM."""
-        if not self.jobs or not job:
+        if not self.walltime or not job:
             return "", ""
         return slurm_job_end(job, self.walltime)
 
@@ -188,8 +191,9 @@ def local_workers(n_slides: int, gpus: int) -> int:
 
 
 def _scheduler_config(retries: int):
-    """dask settings for a scheduler started here: ``retries`` more tries for a slide whose
-    worker died; a lost SLURM job noticed (and replaced) after 2 s instead of 15."""
+    """dask settings for a cluster started here, held while it runs: ``retries`` more tries
+    for a slide whose worker died; a lost worker or SLURM job noticed (and replaced) after 2 s
+    instead of 15."""
     import dask
 
     return dask.config.set({"distributed.scheduler.allowed-failures": max(0, retries),
@@ -208,17 +212,21 @@ def local_session(choice: ClusterChoice, device: str, n_slides: int, retries: in
     resources = {"GPU": 1} if gpus else None
     host = choice.listen or "127.0.0.1"
     http, dashboard = http_address(choice.dashboard, host)
-    with _scheduler_config(retries):
+    config = _scheduler_config(retries)
+    try:
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, resources=resources, host=host,
             dashboard_address=http, scheduler_kwargs={"dashboard": dashboard},
             silence_logs=logging.ERROR,
         )
+    except BaseException:
+        config.__exit__(None, None, None)
+        raise
     what = f"{gpus} GPU(s), " if gpus else ""
     return Session(Client(cluster), cluster, True, resources,
                    {"torch_threads": threads, "gpus_per_host": gpus if gpus > 1 else 0},
                    f"local cluster: {n} worker process(es), {what}{threads} torch thread(s) "
-                   "each")
+                   "each", size={"n": n}, config=config)
 
 
 def scheduler_session(choice: ClusterChoice, device: str, echo, timeout_s: float = 5.0
@@ -306,8 +314,8 @@ def slurm_session(choice: ClusterChoice, n_slides: int, retries: int) -> Session
                        "gpus_per_host": opts.gpus if opts.gpus > 1 else 0},
                       f"SLURM: {jobs} job(s) of {opts.cores} cores, {opts.memory}, walltime "
                       f"{opts.walltime}" + (f", {opts.gpus} GPU(s)" if opts.gpus else "")
-                      + " (workers join as the jobs start)", jobs=jobs, walltime=opts.walltime,
-                      config=config)
+                      + " (workers join as the jobs start)", size={"jobs": jobs},
+                      walltime=opts.walltime, config=config)
     return session
 
 

@@ -48,7 +48,9 @@ TICK_S = 1.0  # the loop's wake-up when nothing happens: page writes, SLURM job 
 @dataclass
 class CohortResult:
     """What a run did: per-status counts over the slides of this run, where things are, and
-    the client's own time per stage (``overhead_s``)."""
+    the client's own seconds per stage (``overhead_s``): ``plan``, ``submit``, ``results``
+    (of which ``manifest`` and ``page_rows``), ``tick`` (of which ``page_writes``), ``close``
+    (the cluster's shutdown), ``end`` (final manifest, page and cohort.csv)."""
 
     out: Path
     slides: list[str]
@@ -184,10 +186,7 @@ def _run(slides, out, key, spec, options, manifest, choice, client, skip_errors,
     t0 = time.perf_counter()
     folders, todo, already = plan(manifest, slides, out, key, options.overwrite)
     manifest.compact()
-    page = ReportPage(out)
-    for row in manifest.rows.values():
-        page.set(entry_from_row(row, out))
-    page.write(force=True)
+    page = _open_page(manifest, out)
     overhead["plan"] += time.perf_counter() - t0
     if already:
         echo(f"{len(already)} of {len(slides)} slide(s) already done for this configuration "
@@ -198,10 +197,7 @@ def _run(slides, out, key, spec, options, manifest, choice, client, skip_errors,
     work_t0 = time.perf_counter()
     try:
         if todo:
-            session = Session(client, description="given client") if client is not None \
-                else start(_with_job_logs(choice or ClusterChoice(), out), spec.device,
-                           len(todo), retries, echo)
-            echo(session.description)
+            session = _session(choice, client, out, spec.device, len(todo), retries, echo)
             link = session.dashboard()
             if link:
                 echo(f"dask dashboard: {link}")
@@ -217,6 +213,8 @@ def _run(slides, out, key, spec, options, manifest, choice, client, skip_errors,
             if session is not None:
                 session.close()
         finally:
+            overhead["close"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
             manifest.compact()
             page.write(force=True)
     csv_path = write_cohort_csv(out, manifest)
@@ -233,6 +231,25 @@ def _run(slides, out, key, spec, options, manifest, choice, client, skip_errors,
         description=session.description if session else "",
         dashboard=link, overhead_s=dict(overhead),
     )
+
+
+def _open_page(manifest: Manifest, out: Path) -> ReportPage:
+    """The report page with a row per manifest row, written once before the run."""
+    page = ReportPage(out)
+    for row in manifest.rows.values():
+        page.set(entry_from_row(row, out))
+    page.write(force=True)
+    return page
+
+
+def _session(choice, client, out: Path, device: str, n: int, retries: int, echo) -> Session:
+    """The given client as it is, else the cluster ``choice`` asks for."""
+    if client is not None:
+        session = Session(client, description="given client")
+    else:
+        session = start(_with_job_logs(choice or ClusterChoice(), out), device, n, retries, echo)
+    echo(session.description)
+    return session
 
 
 class _Loop:
@@ -294,14 +311,10 @@ class _Loop:
             for slide in todo:
                 self.submit(slide)
             while self.pending and not self.stopped:
-                try:
-                    kind, item = self.news.get(timeout=TICK_S)
-                except queue.Empty:
-                    kind, item = "", None
-                if kind == "start":
-                    self.on_start(item)
-                elif kind == "result":
-                    self.on_result(item)
+                news = self.wait_news()
+                for event in (item for kind, item in news if kind == "start"):
+                    self.on_start(event)
+                self.on_results([item for kind, item in news if kind == "result"])
                 self.tick()
         finally:
             client.unsubscribe_topic(START_TOPIC)
@@ -337,22 +350,38 @@ class _Loop:
             reason, _ = self.lost(starts[-2])
             self.say(f"{slide}: {reason}; resuming on {event.get('worker', '?')}")
 
-    def on_result(self, key: str) -> None:
-        fut = self.pending.pop(key, None)
-        if fut is None or fut.status == "cancelled":
-            return
+    def wait_news(self) -> list[tuple[str, Any]]:
+        """What arrived: the first item within :data:`TICK_S`, and all that came with it."""
+        try:
+            news = [self.news.get(timeout=TICK_S)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                news.append(self.news.get_nowait())
+            except queue.Empty:
+                return news
+
+    def on_results(self, keys: list[str]) -> None:
+        """Handle finished tasks; their results come from the workers in one round trip."""
         t0 = time.perf_counter()
-        slide = self.slide_of.pop(key)
-        res = fut.result() if fut.status == "finished" else self.error_result(key, slide, fut)
-        fut.release()
-        if res["status"] == "failed" and not res.get("permanent") \
-                and self.resubmits[slide] < self.retries:
-            self.resubmits[slide] += 1
-            self.say(f"retrying {slide} (attempt {self.tries[slide] + 1}): {res['error']}")
-            self.submit(slide)
-        else:
-            self.record(slide, res)
-        self.starts.pop(key, None)
+        futures = {k: self.pending.pop(k) for k in keys if k in self.pending}
+        futures = {k: f for k, f in futures.items() if f.status != "cancelled"}
+        ok = [k for k, f in futures.items() if f.status == "finished"]
+        values = dict(zip(ok, self.session.client.gather([futures[k] for k in ok],
+                                                         errors="skip")))
+        for key, fut in futures.items():
+            slide = self.slide_of.pop(key)
+            res = values[key] if key in values else self.error_result(key, slide, fut)
+            fut.release()
+            if res["status"] == "failed" and not res.get("permanent") \
+                    and self.resubmits[slide] < self.retries:
+                self.resubmits[slide] += 1
+                self.say(f"retrying {slide} (attempt {self.tries[slide] + 1}): {res['error']}")
+                self.submit(slide)
+            else:
+                self.record(slide, res)
+            self.starts.pop(key, None)
         self.overhead["results"] += time.perf_counter() - t0
 
     def error_result(self, key: str, slide: str, fut) -> dict:
@@ -371,6 +400,7 @@ class _Loop:
                 "traceback": tb, "permanent": True, "finished": now()}
 
     def record(self, slide: str, res: dict) -> None:
+        t0 = time.perf_counter()
         where = self.folders[slide]
         common = {"status": res["status"], "attempts": max(1, self.tries[slide]),
                   "worker": res.get("worker", ""), "started": res.get("started", ""),
@@ -390,7 +420,10 @@ class _Loop:
             self.failed.append((slide, res["error"]))
             self.stopped = not self.skip_errors
             _remove_empty_parent(self.options.out, where)
+        t1 = time.perf_counter()
         self.page.set(entry_from_row(row, self.options.out, res))
+        self.overhead["manifest"] += t1 - t0
+        self.overhead["page_rows"] += time.perf_counter() - t1
         self.finished += 1
         if self.bar is not None:
             self.bar.update(1)
