@@ -51,8 +51,8 @@ def main() -> None:
         queue=args.queue, account=args.account, cores=8, memory="32GB", walltime="04:00:00",
         gpus=1, jobs=args.jobs, prologue=["module load cuda || true"],
         local_directory="$TMPDIR",  # worker scratch on the node's local disk
-        # job logs beside the results (dask-jobqueue creates the folder), only when submitting
-        log_directory=str(Path(args.out) / "slurm-logs") if args.submit else None,
+        # job logs beside the results (the cohort creates the folder when it submits)
+        log_directory=str(Path(args.out).absolute() / "slurm-logs"),
     )
     cluster = slurm_cluster(slurm)
     try:
