@@ -45,7 +45,7 @@ print(*(s.getsockname()[1] for s in socks))
 EOF
 )
 host="$(hostname -s)"
-total_mb="$(free -m | awk '/^Mem:/ {print $2}')"
+total_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
 cat > "$state/slurm.conf" <<EOF
 ClusterName=wsiproto-test
 SlurmctldHost=$host(127.0.0.1)

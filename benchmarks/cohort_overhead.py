@@ -99,9 +99,10 @@ class Killer(threading.Thread):
     after each kill. Every worker is paused (SIGSTOP) while it picks, and the kill waits for
     a moment when no slide is in the engine's unresumable window."""
 
-    def __init__(self, out: Path, n: int, kills: int, seed: int = 0):
+    def __init__(self, out: Path, n: int, kills: int, gap_s: tuple[float, float] = (3, 8),
+                 seed: int = 0):
         super().__init__(daemon=True)
-        self.out, self.n, self.kills = out, n, kills
+        self.out, self.n, self.kills, self.gap_s = out, n, kills, gap_s
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.done: list[int] = []
@@ -126,7 +127,9 @@ class Killer(threading.Thread):
         return victim is not None
 
     def run(self) -> None:
-        while len(self.done) < self.kills and not self.stop.wait(self.rng.uniform(3, 8)):
+        while not self.stop.wait(0.1) and not next(self.out.glob("*/summary.json"), None):
+            pass  # the cluster is up once a slide is done (a kill before makes it fail to start)
+        while len(self.done) < self.kills and not self.stop.wait(self.rng.uniform(*self.gap_s)):
             while not self.stop.is_set() and not self.kill_one():
                 time.sleep(0.2)
             time.sleep(0.5)
@@ -156,8 +159,10 @@ def manifest_alone(sizes=(1000, 4000, 16000)) -> dict[int, float]:
     return out
 
 
-def run(n: int, workers: int, kills: int, size: int, work: Path) -> dict:
-    """One benchmark run; returns the figures (and raises nothing on a failed check)."""
+def run(n: int, workers: int, kills: int, size: int, work: Path,
+        gap_s: tuple[float, float] = (3, 8)) -> dict:
+    """One benchmark run, a kill every ``gap_s`` seconds (uniform); returns the figures (and
+    raises nothing on a failed check)."""
     from wsiproto.cohort import ClusterChoice, run_cohort
     from wsiproto.segment import SegmentOptions
 
@@ -165,7 +170,7 @@ def run(n: int, workers: int, kills: int, size: int, work: Path) -> dict:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     lines: list[str] = []
-    killer = Killer(out, n, kills)
+    killer = Killer(out, n, kills, gap_s)
     killer.start()
     try:
         result = run_cohort(slides, SegmentOptions(out=out, chunk=512),

@@ -1,7 +1,7 @@
 """`wsiproto cohort` on a real LocalCluster of worker processes with the bundled model over
-synthetic slides: bad slides become manifest rows, reruns do no work, a worker killed mid-slide
-does not lose it, transient errors are retried, every server listens on 127.0.0.1, slide names
-never lead outside --out, bad input is one line."""
+synthetic slides: bad slides become manifest rows, reruns do no work, transient errors are
+retried, every server listens on 127.0.0.1, slide names never lead outside --out, bad input is
+one line. (A worker killed mid-slide: test_cohort_scheduler.py and test_cohort_overhead.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cohort_helpers import (MidSlideKiller, listening, manifest_rows, popen_wsiproto, tree,
-                            truncated_copy, write_slides)
+from cohort_helpers import (listening, manifest_rows, popen_wsiproto, tree, truncated_copy,
+                            write_slides)
 from test_cli import assert_one_line_error, wsiproto
 
 ENV = {"HF_HUB_OFFLINE": "1"}
@@ -204,30 +204,6 @@ def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
         yield c
-
-
-def test_worker_killed_mid_slide_still_finishes(client, cohort_inputs, tmp_path):
-    from wsiproto.cohort import run_cohort
-    from wsiproto.segment import SegmentOptions
-
-    slides, _ = cohort_inputs
-    good = sorted(slides.glob("case*.svs"))
-    out = tmp_path / "out"
-    lines: list[str] = []
-    with MidSlideKiller(client, out) as killer:
-        result = run_cohort(good, SegmentOptions(out=out, chunk=512), device="cpu",
-                            client=client, skip_errors=True, echo=lines.append)
-    killed = killer.killed
-    assert killed, "no slide was caught mid-run"
-    assert result.all_done and result.counts["done"] == 4 and result.ran == 4
-    stem, dead = killed[0]
-    row = manifest_rows(out)[f"{stem}.svs"]
-    assert row["status"] == "done" and row["worker"] != dead and row["attempts"] == "2"
-    assert any(f"its worker {dead} died" in ln and "resuming on" in ln for ln in lines), lines
-    summary = json.loads((out / stem / "summary.json").read_text())
-    # The rescheduled task resumed the slide: chunks finished before the kill were not redone.
-    assert summary["chunks"]["run_now"] < summary["chunks"]["with_tissue"]
-    assert not (out / stem / ".partial").exists()
 
 
 def test_without_skip_errors_the_first_failure_stops_the_run(client, cohort_inputs, tmp_path):

@@ -14,7 +14,7 @@ def test_forty_slides_two_kills(tmp_path):
     spec = importlib.util.spec_from_file_location("cohort_overhead", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    fig = bench.run(40, 2, 2, 320, tmp_path)
+    fig = bench.run(40, 2, 2, 320, tmp_path, gap_s=(0.5, 1.5))
     result = fig["result"]
     assert fig["kills"] == 2 and fig["problems"] == []
     assert fig["once"] and fig["consistent"] and result.counts == {"done": 40}

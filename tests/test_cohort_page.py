@@ -22,7 +22,7 @@ def cohort_out(tmp_path_factory):
     from wsiproto.segment import SegmentOptions
 
     root = tmp_path_factory.mktemp("page")
-    write_slides(root / "slides", ["a.svs", "b.svs", "c.svs"], 1024, 768)
+    write_slides(root / "slides", ["a.svs", "b.svs", "c.svs"], 768, 512)
     (root / "slides" / "broken.svs").write_text("not a slide at all\n")
     out = root / "out"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
