@@ -56,7 +56,7 @@ from typing import Any
 
 from wsiproto.errors import WsiprotoError
 from wsiproto.files import write_text_atomic
-from wsiproto.segment.pipeline import SegmentOptions
+from wsiproto.segment.options import SegmentOptions
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def segment_task(slide: str, spec: WorkerSpec, options: SegmentOptions) -> dict:
     }
     t0 = time.perf_counter()
     try:
-        from wsiproto.segment.pipeline import segment_slide
+        from wsiproto.segment import segment_slide
 
         predictor, runner, load_s = worker_model(spec)
         result["model_load_s"] = load_s

@@ -1,0 +1,162 @@
+"""The plan of one run, fixed before any tile runs: the label frame and its chunk grid, the
+class table, the configuration (and its hash, which decides resume), which chunks hold
+tissue and which an earlier run already finished.
+
+The label frame is the slide's bounds-cropped frame at the model's pixel size; a label pixel
+covers ``scale`` x ``scale`` level-0 pixels. Chunks tile it (``grid.chunk`` label px); tiles sit
+on one global grid (see :mod:`wsiproto.segment.grid`), so every label is the same blend of the
+same tiles whichever chunk computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiproto.errors import WsiprotoError
+from wsiproto.segment.grid import Chunk, ChunkGrid
+
+MAX_UPSAMPLING = 4.0
+SCHEMA = 3  # bump when the outputs (or the files of an unfinished run) change
+
+ClassTable = list[tuple[int, str, tuple[int, int, int]]]
+
+
+def class_table(predictor) -> ClassTable:
+    """Label values: 0 unlabelled (outside tissue), 1..K the classes, K+1 background."""
+    rows = [(i + 1, name, tuple(rgb)) for i, (name, rgb) in enumerate(predictor.classes)]
+    bg_name, bg_rgb = predictor.background
+    rows.append((len(rows) + 1, bg_name, tuple(bg_rgb)))
+    return rows
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def level0_scale(slide, model_mpp: float) -> float:
+    """Level-0 px per label px; refuses more than MAX_UPSAMPLING."""
+    scale = model_mpp / slide.require_mpp()
+    if scale < 1.0 / MAX_UPSAMPLING:
+        raise WsiprotoError(
+            f"the model works at {model_mpp:g} um/px but the slide is {slide.mpp:g} um/px: "
+            f"that needs {1 / scale:.1f}x upsampling (more than {MAX_UPSAMPLING:g}x)",
+            path=slide.source,
+            hint="use a model trained at a coarser resolution, or check the slide's mpp / --mpp",
+        )
+    return scale
+
+
+@dataclass
+class Plan:
+    """Geometry and identity of a run (see module doc). ``tissue`` is set by
+    :meth:`add_tissue` once the output folder is known not to be complete already."""
+
+    name: str  # output folder name and file stem
+    scale: float
+    model_mpp: float
+    grid: ChunkGrid
+    classes: ClassTable
+    config: dict
+    cfg_hash: str
+    tissue: Any = None  # wsiproto.slide.TissueMask
+    tissue_keys: set[str] = field(default_factory=set)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return list(self.grid.chunks())
+
+    @property
+    def tissue_classes(self) -> ClassTable:
+        """The classes exported as objects (background inside tissue is not)."""
+        return self.classes[:-1]
+
+    def add_tissue(self, tissue) -> None:
+        self.tissue = tissue
+        s = self.scale
+        self.tissue_keys = {c.key for c in self.chunks if tissue.region_has_tissue(
+            c.x0 * s, c.y0 * s, c.width * s, c.height * s)}
+
+    def has_tissue(self, chunk: Chunk) -> bool:
+        return chunk.key in self.tissue_keys
+
+    def tissue_tiles(self, chunk: Chunk) -> list[tuple[int, int]]:
+        """Label-frame positions of the global tiles of ``chunk`` that touch tissue."""
+        t, s = self.grid.tile, self.scale
+        if not self.has_tissue(chunk):
+            return []
+        return [(ty, tx) for ty, tx in self.grid.tiles_for(chunk)
+                if self.tissue.region_has_tissue(tx * s, ty * s, t * s, t * s)]
+
+    def tissue_pixels(self, chunk: Chunk) -> np.ndarray:
+        """The tissue mask at the chunk's label-pixel centres (nearest neighbour). The mask
+        pixels cover many label pixels: gather the distinct rows and columns, then repeat."""
+        m, d = self.tissue.mask, self.tissue.downsample
+        ys = ((np.arange(chunk.y0, chunk.y0 + chunk.height) + 0.5) * self.scale / d)
+        xs = ((np.arange(chunk.x0, chunk.x0 + chunk.width) + 0.5) * self.scale / d)
+        ys = np.clip(ys.astype(np.int64), 0, m.shape[0] - 1)
+        xs = np.clip(xs.astype(np.int64), 0, m.shape[1] - 1)
+        uy, ny = np.unique(ys, return_counts=True)  # ys, xs are non-decreasing
+        ux, nx = np.unique(xs, return_counts=True)
+        return np.repeat(np.repeat(m[uy][:, ux], ny, axis=0), nx, axis=1)
+
+
+def make_plan(slide, predictor, opts, name: str, model_info: dict | None = None) -> Plan:
+    """The plan of segmenting ``slide`` with ``predictor`` under ``opts`` into ``name``."""
+    model_mpp = float(predictor.mpp)
+    scale = level0_scale(slide, model_mpp)
+    tile = int(predictor.tile_size)
+    overlap = tile // 4 if opts.overlap is None else int(opts.overlap)
+    if not 0 <= overlap < tile:
+        raise WsiprotoError(f"--overlap must be between 0 and {tile - 1} px (got {overlap})")
+    fw, fh = slide.size
+    height, width = max(1, math.ceil(fh / scale)), max(1, math.ceil(fw / scale))
+    grid = ChunkGrid(height, width, opts.chunk, tile, overlap)
+    describe = getattr(predictor, "describe", lambda: {})
+    config = {
+        "schema": SCHEMA,
+        "slide": slide.identity(),
+        "slide_mpp": slide.mpp,
+        "model": model_info or describe(),
+        "options": {**opts.output_config(), "overlap": overlap},
+    }
+    return Plan(name=name, scale=scale, model_mpp=model_mpp, grid=grid,
+                classes=class_table(predictor), config=config, cfg_hash=config_hash(config))
+
+
+def scan_done(partial: Path, chunks: list[Chunk]) -> dict[str, np.ndarray]:
+    """Chunks an earlier run finished: key -> its label histogram (256 counts), read from the
+    done markers under ``partial/done``. A marker that cannot be read does not count."""
+    done: dict[str, np.ndarray] = {}
+    folder = partial / "done"
+    for chunk in chunks:
+        marker = folder / f"{chunk.key}.npy"
+        try:
+            counts = np.load(marker, allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        if counts.shape == (256,):
+            done[chunk.key] = counts
+    return done
+
+
+def mark_done(partial: Path, chunk: Chunk, counts: np.ndarray) -> None:
+    """The chunk's done marker: its label histogram, written atomically."""
+    import os
+
+    marker = partial / "done" / f"{chunk.key}.npy"
+    tmp = marker.with_name(marker.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(counts, np.int64))
+    os.replace(tmp, marker)
+
+
+__all__ = ["MAX_UPSAMPLING", "SCHEMA", "Plan", "class_table", "config_hash", "level0_scale",
+           "make_plan", "mark_done", "scan_done"]
