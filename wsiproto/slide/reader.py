@@ -109,6 +109,8 @@ class Slide:
             with urls.open_url(t.location, t.facts) as fh:
                 if not is_tiff(fh.read(4)):
                     raise unreadable(t)
+                fh.seek(max(t.facts["bytes"] - 1, 0))
+                fh.read(1)  # a server that ignores Range requests fails here, said as such
                 fh.seek(0)
                 return check_tiff(fh, t.facts["bytes"], t.shown)
         except WsiprotoError:
@@ -303,8 +305,13 @@ class Slide:
         """The one line for a failed read: a network failure for URLs, else a damaged file."""
         if isinstance(exc, WsiprotoError):  # already one line (a reopen that failed)
             return exc
-        if self.target.kind == "url" and not isinstance(exc, ReadFailure):
-            return urls.remote_error(exc, self.target.location, doing=what)
+        if self.target.kind == "url":
+            try:  # a decoder's complaint while the server is gone is the server's failure
+                urls.stat(self.target.location)
+            except WsiprotoError as gone:
+                return WsiprotoError(f"{what}: {gone.detail}", path=self.source, hint=gone.hint)
+            if not isinstance(exc, ReadFailure):
+                return urls.remote_error(exc, self.target.location, doing=what)
         detail = " ".join(str(exc).split())
         if self.target.kind == "url":
             detail = urls.scrub(detail, self.target.location)
@@ -376,8 +383,9 @@ class Slide:
                 if attempt == 0:
                     continue
                 ds = self.level_downsamples[level]
+                verb = "read" if self.target.kind == "url" else "decode"
                 raise self._read_error(
-                    f"cannot decode region at level-0 x={round(x * ds)} y={round(y * ds)} "
+                    f"cannot {verb} region at level-0 x={round(x * ds)} y={round(y * ds)} "
                     f"size={width}x{height} level={level}", exc) from exc
         raise AssertionError("unreachable")
 

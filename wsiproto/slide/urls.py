@@ -155,7 +155,7 @@ def stat(url: str) -> dict:
     try:
         info = fs.info(path)
     except Exception as exc:
-        raise remote_error(exc, url) from None
+        raise remote_error(exc, url, doing="cannot reach the server") from None
     lowered = {str(k).lower().replace("-", "").replace("_", ""): v for k, v in info.items()}
     size = lowered.get("size")
     if not size:
@@ -185,11 +185,15 @@ def open_url(url: str, facts: dict):
 
 def remote_error(exc: BaseException, url: str, doing: str = "cannot read the slide") -> WsiprotoError:
     """One line for a failed remote access: what happened, on which (redacted) URL, what to do."""
+    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # fsspec's http says "not found" for any failure: look behind it
     text = scrub(" ".join(str(exc).split()), url)
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     shown = redact(url)
     if isinstance(exc, FileNotFoundError) or status == 404:
-        return WsiprotoError("no such file on the server", path=shown, hint="check the URL")
+        return WsiprotoError("no such file on the server", path=shown,
+                             hint="check the URL (and that a presigned or token URL has not "
+                                  "expired)")
     if isinstance(exc, PermissionError) or status in (401, 403):
         return WsiprotoError(
             f"access denied ({text or type(exc).__name__})", path=shown,
