@@ -75,7 +75,8 @@ def library_log() -> Iterator[list[str]]:
 
 
 def corrupt(shown: str, detail: str) -> WsiprotoError:
-    return WsiprotoError(f"truncated or corrupt ({detail})", path=shown,
+    """The one line for a slide file that is not whole."""
+    return WsiprotoError(f"truncated or corrupt ({_short(detail)})", path=shown,
                          hint="re-copy it from its source (check its size and checksum)")
 
 
@@ -100,7 +101,7 @@ def check_tiff(source: Any, size: int, shown: str) -> tuple[float, float] | None
     if errors and not problem:
         problem = errors[0]
     if problem:
-        raise corrupt(shown, _short(problem))
+        raise corrupt(shown, problem)
     return mpp
 
 

@@ -24,7 +24,7 @@ from wsiproto.errors import WsiprotoError
 from wsiproto.slide import urls
 from wsiproto.slide.backends import Target, candidates, get_backend
 from wsiproto.slide.backends.base import PLAUSIBLE_MPP, as_pil, positive_float
-from wsiproto.slide.integrity import check_tiff, library_log
+from wsiproto.slide.integrity import check_tiff, corrupt, library_log
 from wsiproto.slide.source import check_slide_path, is_tiff, resolve, unreadable
 
 __all__ = ["Bounds", "Slide", "check_slide_path", "open_slide", "resample_box"]
@@ -92,19 +92,24 @@ class Slide:
         tiff_mpp = self._check_structure()
         self._open()
         self._read_metadata(tiff_mpp)
+        if not self._tiff:
+            self._probe_levels()
 
     # -- opening -------------------------------------------------------------------------------
     def _check_structure(self) -> tuple[float, float] | None:
         """The TIFF structure check of :mod:`integrity` for TIFF files and URLs (whatever the
         backend); returns the TIFF resolution tags' pixel size."""
         t = self.target
+        self._tiff = False
         if t.kind == "folder":
             return None
         if t.kind == "file":
             with open(t.location, "rb") as fh:
                 if not is_tiff(fh.read(4)):
                     return None
+            self._tiff = True
             return check_tiff(t.location, os.path.getsize(t.location), t.shown)
+        self._tiff = True
         try:
             with urls.open_url(t.location, t.facts) as fh:
                 if not is_tiff(fh.read(4)):
@@ -118,6 +123,18 @@ class Slide:
             raise
         except Exception as exc:
             raise urls.remote_error(exc, t.location) from None
+
+    def _probe_levels(self) -> None:
+        """Formats without a structure check (DICOM, MIRAX, VMS ...): the last pixel of every
+        level is decoded at open, so that a file cut short fails here, in one line, and not
+        as the run's last chunk (a DICOM instance's frame table reaches its last frame)."""
+        for level, (w, h) in enumerate(self.level_dimensions):
+            try:
+                self._backend_read(level, w - 1, h - 1, 1, 1)
+            except Exception as exc:
+                self.close()
+                raise corrupt(self.source, f"level {level} cannot be decoded: "
+                                           f"{type(exc).__name__}: {exc}") from None
 
     def _open(self) -> None:
         errors = []
