@@ -86,6 +86,8 @@ def test_region_pixels_against_the_written_ones(opened, synthetic_svs):
         assert err.mean() < 1.5 and err.max() <= 16  # JPEG q90 on a smooth texture
         shrunk = s.read_region((999, 1201), (300, 200), mpp=1.5)  # level 1, resampled by 1.5
         assert np.abs(shrunk - box_down(render(999, 1201, 900, 600), 3)).mean() < 2.0
+        np.testing.assert_array_equal(s.read_region((999, 1201), (300, 200), downsample=3.0),
+                                      shrunk)
         level2 = s.read_level(100, 150, 64, 48, level=2)
         assert np.abs(level2 - box_down(render(400, 600, 256, 192), 4)).mean() < 2.0
 
