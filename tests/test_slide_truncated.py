@@ -165,3 +165,31 @@ def test_a_corrupt_level_is_no_tissue_never(synthetic_svs, tmp_path, backend):
     with Slide(bad, backend=backend) as s:
         with pytest.raises(WsiprotoError, match="level=2"):
             detect_tissue(s)
+
+
+def test_decoder_logs_fail_the_reads_in_flight_and_stay_off_the_terminal(capfd):
+    """What tifffile logs during our calls is collected, from the calling thread or another
+    (zarr decodes on its own thread), and not printed; outside our calls it passes untouched."""
+    import logging
+    import threading
+
+    from wsiproto.slide.integrity import library_log
+
+    tifffile_log = logging.getLogger("tifffile")
+    with library_log() as mine:
+        tifffile_log.error("decode failed in this thread")
+        other = threading.Thread(target=tifffile_log.error, args=("decode failed elsewhere",))
+        other.start()
+        other.join()
+        tifffile_log.warning("a harmless note")
+    assert mine == ["decode failed in this thread", "decode failed elsewhere"]
+    assert "decode failed" not in capfd.readouterr().err
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tifffile_log.addHandler(handler)
+    try:
+        tifffile_log.error("not ours")
+    finally:
+        tifffile_log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["not ours"]

@@ -38,22 +38,29 @@ _STRUCTURAL = re.compile(r"invalid (page |value )?offset|corrupted|truncated", r
 
 
 class _Collector(logging.Filter):
-    """Per thread: while a ``library_log()`` block runs, keeps the records (and the serious
-    ones' text); outside one, lets them through untouched."""
+    """While ``library_log()`` blocks run, keeps the libraries' records (and the serious ones'
+    text) off the terminal; outside them, lets records through untouched. A record from a
+    thread without a block of its own (zarr decodes on its own I/O thread) goes to every block
+    running: a decoder's complaint then fails the reads in flight, never none of them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.local = threading.local()
+        self.active: dict[int, list[str]] = {}  # by id: empty lists compare equal
+        self.lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        sink = getattr(self.local, "sink", None)
-        if sink is None:
+        own = getattr(self.local, "sink", None)
+        with self.lock:
+            sinks = [own] if own is not None else list(self.active.values())
+        if not sinks:
             return True
         message = record.getMessage()
         log.debug("%s: %s", record.name, message)
         if record.name in LIBRARY_LOGGERS and (
                 record.levelno >= logging.ERROR or _STRUCTURAL.search(message)):
-            sink.append(message)
+            for sink in sinks:
+                sink.append(message)
         return False
 
 
@@ -68,10 +75,14 @@ def library_log() -> Iterator[list[str]]:
     previous = getattr(_COLLECTOR.local, "sink", None)
     sink: list[str] = []
     _COLLECTOR.local.sink = sink
+    with _COLLECTOR.lock:
+        _COLLECTOR.active[id(sink)] = sink
     try:
         yield sink
     finally:
         _COLLECTOR.local.sink = previous
+        with _COLLECTOR.lock:
+            del _COLLECTOR.active[id(sink)]
 
 
 def corrupt(shown: str, detail: str) -> WsiprotoError:
