@@ -113,3 +113,11 @@ def test_a_folder_without_dicom_is_not_a_slide(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here\n")
     with pytest.raises(WsiprotoError, match="is a directory"):
         Slide(tmp_path)
+
+
+def test_the_wrong_backend_names_the_right_one(cmu_dicom, cmu_svs):
+    with pytest.raises(WsiprotoError, match=r"the dicom reader cannot open it .*--backend "
+                                            r"openslide \(or auto\) reads it"):
+        Slide(cmu_svs, backend="dicom")
+    with pytest.raises(WsiprotoError, match=r"--backend dicom \(or auto\) reads it"):
+        Slide(max(cmu_dicom.iterdir(), key=lambda p: p.stat().st_size), backend="tiffslide")

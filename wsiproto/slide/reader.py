@@ -144,7 +144,10 @@ class Slide:
             except WsiprotoError:
                 raise
             except Exception as exc:  # each backend raises its own types
-                errors.append(f"{backend.name}: {type(exc).__name__}: {exc}")
+                text = " ".join(str(exc).split())
+                if self.target.kind == "url":
+                    text = urls.scrub(text, self.target.location)
+                errors.append(f"{backend.name}: {type(exc).__name__}: {text}")
                 log.debug("backend %s failed on %s: %s", backend.name, self.source, exc)
                 continue
             self._reader, self.backend = reader, backend.name
@@ -152,13 +155,13 @@ class Slide:
                 log.warning("%s: %s; reading it with %s instead", self.source,
                             "; ".join(errors), backend.name)
             return
-        error = unreadable(self.target)
         if self.requested_backend != "auto":
             other = self._other_reader()
-            if other:
-                error = WsiprotoError(error.detail, path=error.path,
-                                      hint=f"--backend {other} reads it")
-        raise error
+            if other:  # the slide is fine: the chosen reader is not the one for it
+                raise WsiprotoError(
+                    f"the {self.requested_backend} reader cannot open it ({errors[0]})",
+                    path=self.source, hint=f"--backend {other} (or auto) reads it")
+        raise unreadable(self.target)  # no hint to try another reader: none opens it
 
     def _open_with(self, backend) -> Any:
         with library_log() as logged:

@@ -194,7 +194,8 @@ def remote_error(exc: BaseException, url: str, doing: str = "cannot read the sli
         return WsiprotoError("no such file on the server", path=shown,
                              hint="check the URL (and that a presigned or token URL has not "
                                   "expired)")
-    if isinstance(exc, PermissionError) or status in (401, 403):
+    if isinstance(exc, PermissionError) or status in (401, 403) \
+            or "credential" in f"{type(exc).__name__} {text}".lower():
         return WsiprotoError(
             f"access denied ({text or type(exc).__name__})", path=shown,
             hint="check the credentials: AWS_PROFILE / AWS_ACCESS_KEY_ID, ~/.aws, fsspec's "
