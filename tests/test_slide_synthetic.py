@@ -121,3 +121,16 @@ def test_reads_are_writeable_arrays(synthetic_svs):
         for kwargs in ({}, {"mpp": 1.3}):
             region = s.read_region((10, 10), (32, 32), **kwargs)
             region[0, 0] = 0  # callers may normalise or draw in place
+
+
+def test_a_tiff_under_any_name_opens_without_a_word(synthetic_svs, tmp_path, caplog):
+    """Readers are ordered by content where the name says nothing: a TIFF called .scan goes to
+    the TIFF readers first, and a reader not made for it failing is not worth a warning."""
+    import shutil
+
+    odd = tmp_path / "slide.scan"
+    shutil.copy(synthetic_svs[0], odd)
+    with caplog.at_level("WARNING"):
+        with Slide(odd) as s:
+            assert s.backend == BACKENDS[0] and s.level_count == 3
+    assert not caplog.records

@@ -147,19 +147,21 @@ class Slide:
                 text = " ".join(str(exc).split())
                 if self.target.kind == "url":
                     text = urls.scrub(text, self.target.location)
-                errors.append(f"{backend.name}: {type(exc).__name__}: {text}")
+                errors.append((backend, f"{backend.name}: {type(exc).__name__}: {text}"))
                 log.debug("backend %s failed on %s: %s", backend.name, self.source, exc)
                 continue
             self._reader, self.backend = reader, backend.name
-            if errors:
+            # Worth a line: a reader made for this kind of file failed on it.
+            expected = [e for b, e in errors if self.target.suffix in b.suffixes]
+            if expected:
                 log.warning("%s: %s; reading it with %s instead", self.source,
-                            "; ".join(errors), backend.name)
+                            "; ".join(expected), backend.name)
             return
         if self.requested_backend != "auto":
             other = self._other_reader()
             if other:  # the slide is fine: the chosen reader is not the one for it
                 raise WsiprotoError(
-                    f"the {self.requested_backend} reader cannot open it ({errors[0]})",
+                    f"the {self.requested_backend} reader cannot open it ({errors[0][1]})",
                     path=self.source, hint=f"--backend {other} (or auto) reads it")
         raise unreadable(self.target)  # no hint to try another reader: none opens it
 

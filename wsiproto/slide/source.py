@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wsiproto.errors import WsiprotoError
 from wsiproto.slide import urls
+from wsiproto.slide.backends import slide_suffixes
 from wsiproto.slide.backends.base import Target
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -26,7 +27,12 @@ def resolve(location: str | os.PathLike) -> Target:
     path = check_slide_path(text)
     if path.is_dir():
         return Target("folder", str(path), str(path), ".dcm")
-    suffix = ".dcm" if _head(path)[128:132] == b"DICM" else path.suffix.lower()
+    # By content where the name says nothing a reader knows: DICOM, or TIFF ("slide.scan").
+    head, suffix = _head(path), path.suffix.lower()
+    if head[128:132] == b"DICM":
+        suffix = ".dcm"
+    elif is_tiff(head) and suffix not in slide_suffixes():
+        suffix = ".tif"
     return Target("file", str(path), str(path), suffix)
 
 
