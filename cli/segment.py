@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .info import BACKEND_HELP, backend_choices
 from .options import non_negative_int, positive_float, positive_int
 
 EXAMPLE = ("wsiproto segment slide.svs --model runs/bcss --out results   "
@@ -64,8 +65,7 @@ def add_segment_options(p) -> None:
                    help="also store per-class uint8 probabilities in the OME-Zarr")
     p.add_argument("--no-image", action="store_true",
                    help="do not store the RGB image the labels annotate (smaller output)")
-    p.add_argument("--backend", default="auto", choices=("auto", "openslide", "tiffslide"),
-                   help="slide reader")
+    p.add_argument("--backend", default="auto", choices=backend_choices(), help=BACKEND_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace results written with a different configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
