@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .info import BACKEND_HELP, backend_choices
 from .options import non_negative_int, positive_float, positive_int
 
@@ -42,6 +44,11 @@ def add_segment_options(p) -> None:
     p.add_argument("--mpp", type=positive_float, default=None,
                    help="level-0 pixel size of the slide in um/px; needed for slides without "
                         "one, and overrides the slide's own (a warning names both)")
+    p.add_argument("--roi", default=None, metavar="GEOJSON",
+                   help="segment only inside these regions: a GeoJSON exported from QuPath "
+                        "(annotations; level-0 pixels of the slide)")
+    p.add_argument("--roi-class", default=None, metavar="NAME",
+                   help="with --roi: only the annotations of this QuPath class")
     p.add_argument("--overlap", type=non_negative_int, default=None,
                    help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
     p.add_argument("--chunk-size", type=positive_int, default=2048,
@@ -91,18 +98,24 @@ def options_from_args(args):
         backend=args.backend, outputs=tuple(args.outputs), ngff_version=args.ngff_version,
         objects=args.objects,
         gzip=args.gzip, probabilities=args.probabilities, image=not args.no_image,
+        roi=args.roi, roi_class=args.roi_class,
         overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
     )
 
 
-def check_inputs(slide: str, model: str | None) -> None:
-    """Fail fast, before heavy imports, on a slide or model folder that cannot be used."""
+def check_inputs(slide: str, model: str | None, roi: str | None = None) -> None:
+    """Fail fast, before heavy imports, on a slide, model folder or ROI file that cannot be
+    used (the ROI is fully checked against the slide once it is open)."""
     from wsiproto.segment.predictor import resolve_model_dir
-    from wsiproto.slide.reader import check_slide_path
+    from wsiproto.slide.source import resolve
 
-    if "://" not in slide:
-        check_slide_path(slide)
+    resolve(slide)
     resolve_model_dir(model)
+    if roi is not None and not Path(roi).expanduser().is_file():
+        from wsiproto.errors import WsiprotoError
+
+        raise WsiprotoError("no such ROI file", path=roi,
+                            hint="pass the .geojson exported from QuPath with --roi")
 
 
 def run(args) -> int:
@@ -112,7 +125,7 @@ def run(args) -> int:
     from wsiproto.segment.predictor import load_predictor
 
     # Inputs first, in milliseconds: loading the model imports torch (seconds).
-    check_inputs(args.slide, args.model)
+    check_inputs(args.slide, args.model, args.roi)
     with runtime() as rt:
         predictor = load_predictor(args.model, device=args.device, precision=args.precision,
                                    tta=args.tta)

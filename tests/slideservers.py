@@ -17,11 +17,13 @@ class RangeServer:
     """Serves ``files`` (URL path -> bytes) at ``url(path)``; counts the bytes it sends.
     Requests without ``?token=TOKEN`` get 403 (the token stands for a credential)."""
 
-    def __init__(self, files: dict[str, bytes], ranges: bool = True):
+    def __init__(self, files: dict[str, bytes], ranges: bool = True, port: int = 0,
+                 die_after_bytes: int | None = None):
         self.files = dict(files)
         self.ranges = ranges
         self.sent = 0
         self.requests = 0
+        self.die_after_bytes = die_after_bytes  # then it stops answering, as a crashed server
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,7 +36,7 @@ class RangeServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -47,9 +49,17 @@ class RangeServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
     def _serve(self, req: BaseHTTPRequestHandler, body: bool) -> None:
         path, _, query = req.path.partition("?")
         self.requests += 1
+        if self.die_after_bytes is not None and self.sent >= self.die_after_bytes:
+            req.close_connection = True  # dead: no answer, and no more connections
+            threading.Thread(target=self.stop, daemon=True).start()
+            return
         if f"token={TOKEN}" not in query.split("&"):
             return self._reply(req, 403, b"forbidden", body)
         data = self.files.get(path)
@@ -82,8 +92,8 @@ class RangeServer:
 
 
 @contextmanager
-def range_server(files: dict[str, bytes], ranges: bool = True):
-    server = RangeServer(files, ranges)
+def range_server(files: dict[str, bytes], ranges: bool = True, **kw):
+    server = RangeServer(files, ranges, **kw)
     try:
         yield server
     finally:

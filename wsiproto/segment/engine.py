@@ -84,16 +84,15 @@ def segment_slide(
         ensure_writable(folder)
         try:
             with FolderLock(folder):
-                result = _run_locked(slide, predictor, opts, plan, folder, runner, echo)
+                return _run_locked(slide, predictor, opts, plan, folder, runner, echo,
+                                   naming.describe())
         except BaseException:
             if not existed:
                 remove_if_empty(folder)
             raise
-    result.summary["output_name"] = naming.describe()
-    return result
 
 
-def _run_locked(slide, predictor, opts, plan: Plan, folder: Path, runner, echo):
+def _run_locked(slide, predictor, opts, plan: Plan, folder: Path, runner, echo, naming: dict):
     from wsiproto.slide import detect_tissue
 
     t_start = time.perf_counter()
@@ -119,6 +118,7 @@ def _run_locked(slide, predictor, opts, plan: Plan, folder: Path, runner, echo):
                 path=folder, hint="free some space (or choose another --out) and rerun the same "
                                   "command: finished chunks are kept") from exc
         raise
+    summary["output_name"] = naming  # the slide's name, and the folder name it was given
     _move_outputs(partial, folder, summary["outputs"]["files"])
     summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     write_json_atomic(folder / "summary.json", summary)
@@ -229,7 +229,7 @@ class _Run:
                 n = blend_chunk(self.runner, canvas, inp, group=max(self.runner.batch_size, 16))
                 t1 = time.thread_time()
                 labels, probs = canvas.labels(self.opts.probabilities)
-        inside = self.plan.tissue_pixels(chunk)
+        inside = self.plan.inside(chunk)
         labels *= inside
         if probs is not None:
             probs *= inside
@@ -392,6 +392,7 @@ class _Run:
             + [{"value": v, "name": n, "color": list(c)} for v, n, c in plan.classes],
             "tissue_area_mm2": totals.tissue_area_mm2,
             "tissue_mask_area_mm2": round(plan.tissue.area_um2(slide.mpp) / 1e6, 6),
+            "roi": None if plan.roi is None else plan.roi.describe(mpp=slide.mpp),
             "class_area_mm2": totals.area_mm2,
             "class_percent_of_tissue": totals.percent_of_tissue,
             "chunks": {"total": len(plan.chunks), "with_tissue": len(plan.tissue_keys),

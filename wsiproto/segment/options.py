@@ -54,7 +54,7 @@ class SegmentOptions:
 
     def output_config(self) -> dict:
         keys = ("overlap", "chunk", "zarr_chunk", "mpp", "ngff_version", "objects", "gzip",
-                "probabilities", "image", "roi", "roi_class")
+                "probabilities", "image", "roi")  # roi: replaced by its content (plan.py)
         return {**{k: getattr(self, k) for k in keys}, "outputs": sorted(self.outputs)}
 
 

@@ -68,6 +68,7 @@ class Plan:
     cfg_hash: str
     tissue: Any = None  # wsiproto.slide.TissueMask
     tissue_keys: set[str] = field(default_factory=set)
+    roi: Any = None  # wsiproto.slide.roi.Roi: labels only inside it
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -79,6 +80,14 @@ class Plan:
         return self.classes[:-1]
 
     def add_tissue(self, tissue) -> None:
+        """The tissue mask (thumbnail); restricted to the ROI when there is one (grown by a
+        mask pixel there: the exact ROI edge is applied per chunk at label resolution)."""
+        if self.roi is not None:
+            from scipy.ndimage import binary_dilation
+
+            h, w = tissue.mask.shape
+            near = binary_dilation(self.roi.mask(0, 0, w, h, tissue.downsample), iterations=1)
+            tissue.mask = tissue.mask & near
         self.tissue = tissue
         s = self.scale
         self.tissue_keys = {c.key for c in self.chunks if tissue.region_has_tissue(
@@ -94,6 +103,14 @@ class Plan:
             return []
         return [(ty, tx) for ty, tx in self.grid.tiles_for(chunk)
                 if self.tissue.region_has_tissue(tx * s, ty * s, t * s, t * s)]
+
+    def inside(self, chunk: Chunk) -> np.ndarray:
+        """Which label pixels of ``chunk`` may carry a class: tissue, and inside the ROI."""
+        inside = self.tissue_pixels(chunk)
+        if self.roi is not None:
+            s = self.scale
+            inside &= self.roi.mask(chunk.x0 * s, chunk.y0 * s, chunk.width, chunk.height, s)
+        return inside
 
     def tissue_pixels(self, chunk: Chunk) -> np.ndarray:
         """The tissue mask at the chunk's label-pixel centres (nearest neighbour). The mask
@@ -119,16 +136,25 @@ def make_plan(slide, predictor, opts, name: str, model_info: dict | None = None)
     fw, fh = slide.size
     height, width = max(1, math.ceil(fh / scale)), max(1, math.ceil(fw / scale))
     grid = ChunkGrid(height, width, opts.chunk, tile, overlap)
+    roi, options = None, {**opts.output_config(), "overlap": overlap}
+    if opts.roi is not None:
+        from wsiproto.files import sha256_file
+        from wsiproto.slide.roi import load_roi
+
+        roi = load_roi(opts.roi, slide.size, opts.roi_class)
+        # the region's content decides, not where its file lies
+        options["roi"] = {"sha256": sha256_file(opts.roi)[:16], "class": opts.roi_class}
     describe = getattr(predictor, "describe", lambda: {})
     config = {
         "schema": SCHEMA,
         "slide": slide.identity(),
         "slide_mpp": slide.mpp,
         "model": model_info or describe(),
-        "options": {**opts.output_config(), "overlap": overlap},
+        "options": options,
     }
     return Plan(name=name, scale=scale, model_mpp=model_mpp, grid=grid,
-                classes=class_table(predictor), config=config, cfg_hash=config_hash(config))
+                classes=class_table(predictor), config=config, cfg_hash=config_hash(config),
+                roi=roi)
 
 
 def scan_done(partial: Path, chunks: list[Chunk]) -> dict[str, np.ndarray]:

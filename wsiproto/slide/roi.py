@@ -225,10 +225,15 @@ def _empty(shown: str, roi_class: str | None, skipped: Counter, classes: Counter
     what = "no area annotation" + (f" of class {roi_class!r}" if roi_class else "")
     seen = ", ".join(f"{k} ({v})" for k, v in sorted(classes.items())) or "none"
     left = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
-    return WsiprotoError(
-        f"{what}{f' (left out: {left})' if left else ''}", path=shown,
-        hint=f"annotation classes in the file: {seen}" + (
-            "; check --roi-class (case matters)" if roi_class else ""))
+    if roi_class:
+        hint = f"annotation classes in the file: {seen}; check --roi-class (case matters)"
+    elif classes:
+        hint = f"annotation classes in the file: {seen}"
+    else:
+        hint = ("draw the region as an area annotation in QuPath and export it with "
+                "File > Export objects as GeoJSON")
+    return WsiprotoError(f"{what}{f' (left out: {left})' if left else ''}", path=shown,
+                         hint=hint)
 
 
 def _geometry(features: list, shown: str) -> tuple[Any, int]:
