@@ -81,7 +81,7 @@ def test_tissue_on_real_slides():
     ("no-tissue2.png", 0.0, 0.01),
     ("no-tissue-line.png", 0.0, 0.01),
     ("almost-white-1.png", 0.0, 0.01),
-    ("almost-white-2.png", 0.0, 0.05),
+    ("almost-white-2.png", 0.0, 0.08),  # a corner of real tissue (top right)
     ("no-tissue-green-pen.png", 0.0, 0.02),
     ("no-tissue-red-pen.png", 0.0, 0.45),  # red ink dropped; its dark core remains
     ("medium-nuclei-score-green-pen-level1.png", 0.3, 0.7),  # ink removed, tissue kept

@@ -505,11 +505,14 @@ class SlidePyramidWriter:
         return {"name": self.name, "channels": channels, "rdefs": {"model": "color"}}
 
     def _image_label(self) -> dict:
+        """Colours in ``colors`` only: ``properties`` hold scalars (a name per value), as
+        napari turns them into a feature table column by column (a list-valued ``color``
+        there made its Labels layer fail)."""
         colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
         props = [{"label-value": 0, "name": "unlabelled"}]
         for v, n, (r, g, b) in self.classes:
             colors.append({"label-value": v, "rgba": [r, g, b, 255]})
-            props.append({"label-value": v, "name": n, "color": [r, g, b]})
+            props.append({"label-value": v, "name": n})
         meta = {"colors": colors, "properties": props, "source": {"image": "../../"}}
         if self.ngff_version == "0.4":
             meta["version"] = "0.4"

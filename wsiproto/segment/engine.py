@@ -207,7 +207,12 @@ class _Run:
         for sink in self.sinks:
             sink.check()  # a sink's background work failed: stop now, not after the slide
         need_image = any(s.needs_image for s in self.sinks)
-        return read_chunk(self.plan, self.pool, chunk, need_image, clock=self.tick)
+        inp = read_chunk(self.plan, self.pool, chunk, need_image, clock=self.tick)
+        if inp.positions:  # where labels may go: here, beside the model, not in its way
+            t0 = time.thread_time()
+            inp.inside = self.plan.inside(chunk, inp)
+            self.tick("edges_s", time.thread_time() - t0)
+        return inp
 
     def infer(self, inp: ChunkInput) -> ChunkOutput:
         for sink in self.sinks:
@@ -229,10 +234,9 @@ class _Run:
                 n = blend_chunk(self.runner, canvas, inp, group=max(self.runner.batch_size, 16))
                 t1 = time.thread_time()
                 labels, probs = canvas.labels(self.opts.probabilities)
-        inside = self.plan.inside(chunk)
-        labels *= inside
+        labels *= inp.inside
         if probs is not None:
-            probs *= inside
+            probs *= inp.inside
         self.tick("blend_s", t1 - t0)
         self.tick("labels_s", time.thread_time() - t1)
         with self._lock:

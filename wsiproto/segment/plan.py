@@ -90,8 +90,10 @@ class Plan:
             tissue.mask = tissue.mask & near
         self.tissue = tissue
         s = self.scale
+        # the mask grown by a pixel: its edge is redrawn at label resolution (refine), and a
+        # chunk or tile must not depend on the chunking to reach it
         self.tissue_keys = {c.key for c in self.chunks if tissue.region_has_tissue(
-            c.x0 * s, c.y0 * s, c.width * s, c.height * s)}
+            c.x0 * s, c.y0 * s, c.width * s, c.height * s, grown=True)}
 
     def has_tissue(self, chunk: Chunk) -> bool:
         return chunk.key in self.tissue_keys
@@ -102,27 +104,24 @@ class Plan:
         if not self.has_tissue(chunk):
             return []
         return [(ty, tx) for ty, tx in self.grid.tiles_for(chunk)
-                if self.tissue.region_has_tissue(tx * s, ty * s, t * s, t * s)]
+                if self.tissue.region_has_tissue(tx * s, ty * s, t * s, t * s, grown=True)]
 
-    def inside(self, chunk: Chunk) -> np.ndarray:
-        """Which label pixels of ``chunk`` may carry a class: tissue, and inside the ROI."""
-        inside = self.tissue_pixels(chunk)
+    @property
+    def edge_margin(self) -> int:
+        """Label px of pixels around a chunk that the tissue edge refinement needs."""
+        return self.tissue.margin(self.model_mpp)
+
+    def inside(self, chunk: Chunk, inp) -> np.ndarray:
+        """Which label pixels of ``chunk`` may carry a class: tissue, its edge drawn at label
+        resolution from the chunk's pixels (``inp``, a :class:`~.read.ChunkInput` holding the
+        chunk and :attr:`edge_margin` px around it), and inside the ROI when there is one."""
+        s = self.scale
+        y, x = chunk.y0 - inp.ry0, chunk.x0 - inp.rx0
+        inside = self.tissue.refine(inp.region, inp.rx0 * s, inp.ry0 * s, s, self.model_mpp,
+                                    (y, x, y + chunk.height, x + chunk.width))
         if self.roi is not None:
-            s = self.scale
             inside &= self.roi.mask(chunk.x0 * s, chunk.y0 * s, chunk.width, chunk.height, s)
         return inside
-
-    def tissue_pixels(self, chunk: Chunk) -> np.ndarray:
-        """The tissue mask at the chunk's label-pixel centres (nearest neighbour). The mask
-        pixels cover many label pixels: gather the distinct rows and columns, then repeat."""
-        m, d = self.tissue.mask, self.tissue.downsample
-        ys = ((np.arange(chunk.y0, chunk.y0 + chunk.height) + 0.5) * self.scale / d)
-        xs = ((np.arange(chunk.x0, chunk.x0 + chunk.width) + 0.5) * self.scale / d)
-        ys = np.clip(ys.astype(np.int64), 0, m.shape[0] - 1)
-        xs = np.clip(xs.astype(np.int64), 0, m.shape[1] - 1)
-        uy, ny = np.unique(ys, return_counts=True)  # ys, xs are non-decreasing
-        ux, nx = np.unique(xs, return_counts=True)
-        return np.repeat(np.repeat(m[uy][:, ux], ny, axis=0), nx, axis=1)
 
 
 def make_plan(slide, predictor, opts, name: str, model_info: dict | None = None) -> Plan:

@@ -41,13 +41,15 @@ def read_threads(backend: str, model_on_gpu: bool, cores: int | None = None) -> 
 class ChunkInput:
     """A chunk's pixels: the tissue tiles' label-frame positions and the region that holds
     them (its top-left at label px ``(ry0, rx0)``); ``region`` is None when the chunk needs no
-    pixels (no tissue, no image output)."""
+    pixels (no tissue, no image output). ``inside``: tissue within the ROI, at label
+    resolution (set by the engine)."""
 
     chunk: Chunk
     positions: list[tuple[int, int]]
     region: np.ndarray | None
     ry0: int = 0
     rx0: int = 0
+    inside: np.ndarray | None = None  # bool [h, w]: where the chunk's labels may go
 
     def tiles(self, group: list[tuple[int, int]], t: int) -> np.ndarray:
         """The tiles at ``group`` positions, cut from the region: uint8 [n, t, t, 3]."""
@@ -89,24 +91,29 @@ class SlidePool:
             s.close()
 
 
-def region_box(chunk: Chunk, positions, tile: int, with_chunk: bool) -> tuple[int, int, int, int]:
+def region_box(chunk: Chunk, positions, tile: int, margin: int | None
+               ) -> tuple[int, int, int, int]:
     """(y0, x0, y1, x1) in label px: the tiles' bounding box, and the chunk's own rectangle
-    when its pixels are needed too."""
+    grown by ``margin`` when its pixels are needed too (``None``: they are not)."""
     boxes = [(ty, tx, ty + tile, tx + tile) for ty, tx in positions]
-    if with_chunk:
-        boxes.append((chunk.y0, chunk.x0, chunk.y0 + chunk.height, chunk.x0 + chunk.width))
+    if margin is not None:
+        boxes.append((chunk.y0 - margin, chunk.x0 - margin, chunk.y0 + chunk.height + margin,
+                      chunk.x0 + chunk.width + margin))
     return (min(b[0] for b in boxes), min(b[1] for b in boxes),
             max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def read_chunk(plan, pool: SlidePool, chunk: Chunk, need_image: bool, clock=None) -> ChunkInput:
-    """Decode what ``chunk`` needs: its tissue tiles' region (plus the chunk itself when
-    ``need_image``). ``clock``: a callable(name, thread-seconds) to account the work."""
+    """Decode what ``chunk`` needs: its tissue tiles' region and the chunk itself with the
+    margin its tissue edge needs; a chunk without tissue only when ``need_image``.
+    ``clock``: a callable(name, thread-seconds) to account the work."""
     t0 = time.thread_time()
     positions = plan.tissue_tiles(chunk)
     if not positions and not need_image:
         return ChunkInput(chunk, [], None)
-    y0, x0, y1, x1 = region_box(chunk, positions, plan.grid.tile, need_image)
+    # tissue: the chunk and the context its tissue edge needs; else the chunk for its image
+    margin = plan.edge_margin if positions else 0
+    y0, x0, y1, x1 = region_box(chunk, positions, plan.grid.tile, margin)
     s = plan.scale
     region = pool.get().read_region((x0 * s, y0 * s), (x1 - x0, y1 - y0), mpp=plan.model_mpp)
     if clock is not None:
