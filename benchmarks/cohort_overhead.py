@@ -12,8 +12,8 @@ SIGKILLs a random worker process ``--kills`` times, and after each kill reads th
 disk as a new run would and checks it. (Kills wait for a moment when no slide sits between
 the creation of its ``.partial/`` folder and its ``config.json``: a slide killed there is
 refused by the next attempt -- "holds an unfinished run with a different configuration" --, a
-defect of the segmentation engine reported to its owner; with tiny slides that window is a
-large part of a slide's time.)
+defect of the segmentation engine's ``prepare_output`` reported to its owner; the window is
+short, but thousands of tiny slides with kills find it.)
 
 Prints: whether every slide was done exactly once (one "done" result per slide, a summary per
 slide) and the manifest was consistent after each kill; the client's own time per slide

@@ -48,9 +48,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (segment, model alone)")
     args = ap.parse_args()
 
-    from wsiproto.segment.threads import limit_malloc_arenas
+    from wsiproto.segment import runtime
 
-    limit_malloc_arenas()  # as `wsiproto segment` does before loading the model
+    with runtime() as rt:  # as `wsiproto segment` runs
+        run(args, rt)
+
+
+def run(args, rt) -> None:
     import torch
 
     if args.threads:
@@ -69,6 +73,7 @@ def main() -> None:
         if not (model_dir / "config.json").exists():
             save_model(create_model(args.preset), model_dir)
     predictor = load_predictor(model_dir, device=args.device, precision=args.precision)
+    rt.freeze()
 
     slide = work / f"synthetic-{args.size}.svs"
     if not slide.exists():

@@ -23,15 +23,16 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from wsiproto.segment import SegmentOptions, segment_slide
+from wsiproto.segment import SegmentOptions, runtime, segment_slide
 from wsiproto.segment.predictor import load_predictor
-from wsiproto.segment.threads import limit_malloc_arenas
-limit_malloc_arenas()  # as `wsiproto segment` does before loading the model
 slide, model, out, gzip = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "1"
-predictor = load_predictor(model)
-t0 = time.perf_counter()
-s = segment_slide(slide, predictor, SegmentOptions(out=out, quiet=True, overwrite=True, gzip=gzip)).summary
-wall = time.perf_counter() - t0
+with runtime() as rt:  # as `wsiproto segment` runs
+    predictor = load_predictor(model)
+    rt.freeze()
+    t0 = time.perf_counter()
+    s = segment_slide(slide, predictor, SegmentOptions(out=out, quiet=True, overwrite=True,
+                                                       gzip=gzip)).summary
+    wall = time.perf_counter() - t0
 geo = Path(s["outputs"]["folder"]) / s["outputs"]["geojson"]
 print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "tiles": s["tiles"]["run_now"], "timings": s["timings"],

@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below, not at exit
+        return code
     except WsiprotoError as exc:
         if args.debug:
             raise
@@ -79,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wsiproto: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`wsiproto info --json | head`): end quietly, as
+        # other Unix tools do, with the status a SIGPIPE death would give
+        _silence_stdout()
+        return 141
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if args.debug:
             raise
@@ -86,3 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsiproto: internal error: {type(exc).__name__}: {message} "
               "(rerun with --debug for the traceback and please report it)", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -29,7 +29,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from wsiproto.sample import sample_slide
-    from wsiproto.segment import SegmentOptions, segment_slide
+    from wsiproto.segment import SegmentOptions, runtime, segment_slide
     from wsiproto.segment.predictor import load_predictor
 
     def echo(message: str) -> None:
@@ -37,11 +37,13 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     slide = sample_slide()
-    predictor = load_predictor(args.model, device=args.device)
-    opts = SegmentOptions(out=Path(args.out), batch_size=predictor.default_batch_size,
-                          ngff_version=args.ngff_version, overwrite=args.overwrite,
-                          quiet=args.quiet)
-    summary = segment_slide(slide, predictor, opts, echo=echo).summary
+    with runtime() as rt:
+        predictor = load_predictor(args.model, device=args.device)
+        rt.freeze()
+        opts = SegmentOptions(out=Path(args.out), batch_size=predictor.default_batch_size,
+                              ngff_version=args.ngff_version, overwrite=args.overwrite,
+                              quiet=args.quiet)
+        summary = segment_slide(slide, predictor, opts, echo=echo).summary
     folder = Path(summary["outputs"]["folder"]).resolve()
     zarr_path = folder / summary["outputs"]["ome_zarr"]
     geojson = folder / summary["outputs"]["geojson"]

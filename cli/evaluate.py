@@ -82,12 +82,12 @@ def run(args) -> int:
     run_dir = Path(args.model).expanduser()
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     save = Path(args.save) if args.save else run_dir / f"eval-{args.split}-{args.protocol}{suffix}.json"
+    print(json.dumps(result), flush=True)  # first: a failed save must not lose the metrics
     try:
         write_json_atomic(save, result)
     except OSError as err:
         from wsiproto.errors import WsiprotoError
 
-        raise WsiprotoError(f"cannot save the metrics ({err.strerror or err})", path=save,
-                            hint="pass --save with a writable path") from None
-    print(json.dumps(result))
+        raise WsiprotoError(f"cannot save the metrics ({err.strerror or err}); they are on "
+                            "stdout above", path=save, hint="pass --save with a writable path") from None
     return 0

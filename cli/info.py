@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from .options import positive_float
 
-import json
+SLIDE_HELP = ("slide file (.svs, .tif, .ndpi, .mrxs, .scn, .dcm ...), a folder holding a DICOM "
+              "WSI series, or a URL (https://, s3://, any fsspec URL)")
+BACKEND_HELP = "slide reader (default auto: the first registered reader that opens the slide)"
+
+
+def backend_choices() -> tuple[str, ...]:
+    """``auto`` and every registered slide reader (wsiproto.slide.backends)."""
+    from wsiproto.slide.backends import backend_names
+
+    return ("auto", *backend_names())
 
 EXAMPLE = "wsiproto info slide.svs --json            # size, levels, mpp, bounds, tissue"
 
@@ -13,12 +24,11 @@ def register(sub) -> None:
     from . import add_command
 
     p = add_command(sub, "info", "describe a slide: backend, size, levels, mpp, tissue", EXAMPLE)
-    p.add_argument("slide", help="slide file (.svs, .tif, .ndpi, .mrxs, .scn, DICOM ...)")
+    p.add_argument("slide", help=SLIDE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--backend", default="auto", choices=("auto", "openslide", "tiffslide"),
-                   help="slide reader (default: OpenSlide, else tiffslide)")
+    p.add_argument("--backend", default="auto", choices=backend_choices(), help=BACKEND_HELP)
     p.add_argument("--mpp", type=positive_float, default=None,
-                   help="pixel size in um/px to use when the slide has none")
+                   help="level-0 pixel size in um/px; overrides the slide's own")
     p.add_argument("--no-tissue", action="store_true", help="skip tissue detection")
     p.set_defaults(func=run)
 

@@ -30,7 +30,14 @@ class ColourStandIn:
         return {"name": "colour-standin", "tile": self.tile_size, "mpp": self.mpp,
                 "blur": self.blur}
 
-    def predict_scores(self, tiles: np.ndarray) -> np.ndarray:
+    def predict_scores(self, tiles):
+        """uint8 tiles [N, t, t, 3] (a CPU tensor, as the pipeline hands them) -> float32
+        scores [N, 4, t, t] (a CPU tensor)."""
+        import torch
+
+        return torch.from_numpy(self.scores(np.asarray(tiles)))
+
+    def scores(self, tiles: np.ndarray) -> np.ndarray:
         from scipy.ndimage import uniform_filter
 
         self.calls += 1

@@ -13,15 +13,19 @@ def test_inputs_from_folders_and_csv(tmp_path):
     (slides / "sub").mkdir(parents=True)
     (slides / ".hidden").mkdir()
     for name in ("case0.svs", "case1.SVS", "sub/case2.ndpi", ".hidden/x.svs", ".y.svs",
-                 "notes.txt"):
+                 "notes.txt", "loose.dcm"):
         (slides / name).write_bytes(b"")
+    (slides / "series").mkdir()  # a DICOM WSI series: one slide, not a folder to search
+    for i in range(2):
+        (slides / "series" / f"{i}.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
     found = discover_slides([slides])
-    assert [p.name for p in found] == ["case0.svs", "case1.SVS", "case2.ndpi"]
+    assert [p.name for p in found] == ["case0.svs", "case1.SVS", "series", "case2.ndpi"]
+    assert discover_slides([slides / "series"]) == [slides / "series"]
     table = tmp_path / "cohort.csv"
     table.write_text(f"patient,Slide\np1,{slides / 'case0.svs'}\np2,case9.svs\np3,\n")
     got = discover_slides([table, slides / "case0.svs"])
     assert got == [slides / "case0.svs", tmp_path / "case9.svs"]  # relative to the CSV
-    assert discover_slides([slides], exclude=slides / "sub")[-1].name == "case1.SVS"
+    assert "case2.ndpi" not in [p.name for p in discover_slides([slides], exclude=slides / "sub")]
 
 
 def test_folders_are_distinct_stable_and_never_the_cohorts_own(tmp_path):

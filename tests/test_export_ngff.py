@@ -159,7 +159,7 @@ def test_ome_zarr_reader_finds_image_and_labels(store):
     label = label_nodes[0]
     assert len(label.data) == 3 and label.data[0].shape == (H, W)
     assert label.metadata["properties"][2]["name"] == "STR"
-    assert 1 in label.metadata["color"]
+    assert 1 in label.metadata["color"]  # ome-zarr reads the colours from image-label.colors
 
 
 def test_ome_zarr_models_validate(store):

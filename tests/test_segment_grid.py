@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+from reference_blend import blend_tiles, labels_of
 from wsiproto.segment.grid import ChunkGrid, blend_window
-from wsiproto.segment.infer import BatchRunner, blend_tiles
+from wsiproto.segment.infer import BatchRunner, CanvasPool
 
 
 @pytest.mark.parametrize("h,w,chunk,tile,overlap", [
@@ -54,6 +55,38 @@ def test_blend_window_and_blending_is_chunk_independent():
         np.testing.assert_allclose(w, w_all[sl], rtol=1e-6)
 
 
+def _near_ties(rng, n: int, t: int) -> np.ndarray:
+    """Scores whose top two channels are often exactly equal or a float step apart."""
+    base = rng.integers(0, 4, (n, 3, t, t)).astype(np.float32) / 4
+    base[:, 1] = np.where(rng.random((n, t, t)) < 0.5, base[:, 0],
+                          np.nextafter(base[:, 0], np.float32(1)))
+    return base
+
+
+@pytest.mark.parametrize("group", [1, 5, 64])
+def test_device_canvas_equals_the_numpy_blend_exactly(group):
+    """The canvas (torch, here on the CPU) gives bit-identical sums and labels to the numpy
+    path it replaced, fed in groups of any size, near-ties included."""
+    import torch
+
+    grid = ChunkGrid(300, 260, 128, 64, 16)
+    rng = np.random.default_rng(1)
+    pool = CanvasPool(torch.device("cpu"), 3, grid.chunk, grid.tile, grid.overlap)
+    for c in grid.chunks():
+        pos = grid.tiles_for(c)
+        scores = _near_ties(rng, len(pos), 64)
+        ref_acc, ref_w = blend_tiles(scores, pos, (c.y0, c.x0), (c.height, c.width), 16)
+        with pool.canvas(c.y0, c.x0, c.height, c.width) as canvas:
+            for g in range(0, len(pos), group):
+                canvas.add(torch.from_numpy(scores[g : g + group].copy()), pos[g : g + group])
+            np.testing.assert_array_equal(canvas.acc.numpy(), ref_acc)
+            np.testing.assert_array_equal(canvas.wsum.numpy(), ref_w)
+            labels, probs = canvas.labels(probabilities=True)
+        np.testing.assert_array_equal(labels, labels_of(ref_acc, ref_w))
+        assert probs.shape == (3, c.height, c.width) and probs.dtype == np.uint8
+    assert pool.allocations == 1  # one buffer, reused chunk after chunk
+
+
 class _Echo:
     tile_size, mpp, num_classes = 8, 1.0, 1
 
@@ -61,9 +94,12 @@ class _Echo:
         self.batch_sizes = []
 
     def predict_scores(self, tiles):
+        import torch
+
         self.batch_sizes.append(len(tiles))
-        v = tiles[..., 0].astype(np.float32)[:, None]
-        return np.concatenate([v, -v], axis=1)
+        self.last_max = tiles.amax(dim=(1, 2, 3))  # per row: padding rows must be blank
+        v = tiles[..., 0].float()[:, None]
+        return torch.cat([v, -v], dim=1)
 
 
 def test_batch_runner_batches_across_callers_and_returns_each_its_own():
@@ -83,21 +119,24 @@ def test_batch_runner_batches_across_callers_and_returns_each_its_own():
         out = results[i]
         assert out.shape == (5 + i, 2, 8, 8)
         assert (out[:, 0] == i).all() and (out[:, 1] == -i).all()
-    assert sum(pred.batch_sizes) == sum(5 + i for i in range(6))
-    assert max(pred.batch_sizes) == 16  # tiles of several callers shared a batch
-    assert runner.tiles == sum(pred.batch_sizes)
+    assert set(pred.batch_sizes) == {16}  # one shape; tiles of several callers shared a batch
+    assert runner.tiles == sum(5 + i for i in range(6))
+    assert runner.batches == len(pred.batch_sizes) < 6
 
 
-def test_short_batches_run_as_power_of_two_pieces_in_order():
-    """The model sees few batch shapes (each new one fragments the heap for good): 27 tiles
-    with batch size 16 run as 16, then 11 = 8 + 2 + 1; the scores come back in tile order."""
+def test_short_batches_are_padded_to_the_one_batch_shape():
+    """The model sees one batch shape only (scores then do not depend on the batch a tile ran
+    in): 27 tiles with batch size 16 run as 16, then 11 padded to 16; the scores come back in
+    tile order and the padding never reaches a caller."""
     pred = _Echo()
-    tiles = np.arange(27, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    tiles = np.arange(1, 28, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
     with BatchRunner(pred, batch_size=16, gather_s=0.0) as runner:
         out = runner.run(tiles)
-    assert pred.batch_sizes == [16, 8, 2, 1]
-    np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(27))
-    assert runner.tiles == 27 and runner.batches == 2
+        again = runner.run(tiles[:3])
+    assert pred.batch_sizes == [16, 16, 16]
+    np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(1, 28))
+    np.testing.assert_array_equal(again[:, 0, 0, 0], np.arange(1, 4))
+    assert runner.tiles == 30 and runner.batches == 3
 
 
 def test_batch_runner_passes_errors_to_the_caller():
@@ -137,3 +176,35 @@ def test_closing_the_runner_releases_waiting_callers():
         t.join(timeout=5)
     assert not any(t.is_alive() for t in threads)
     assert errors and "closed" in str(errors[0])
+
+
+def test_staging_buffers_are_reused_and_host_memory_stays_flat():
+    """Batches go through one staging buffer allocated at start-up (pinned on a GPU; the same
+    code path here): over many batches of every size its storage never changes, and the
+    process's memory does not grow with the number of batches."""
+    import resource
+
+    pred = _Echo()
+    pred.tile_size = 64
+    rng = np.random.default_rng(3)
+    with BatchRunner(pred, batch_size=8, gather_s=0.0) as runner:
+        buffers = [b.data_ptr() for b in runner.staging.host]
+        for n in (8, 3, 8, 1, 5):  # warm up every path (full, padded, re-zeroed)
+            runner.run(rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8))
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for i in range(400):
+            n = 1 + i % 11
+            tiles = np.full((n, 64, 64, 3), i % 200, np.uint8)
+            out = runner.run(tiles)
+            assert out.shape == (n, 2, 64, 64) and float(out[0, 0, 0, 0]) == i % 200
+        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
+        assert [b.data_ptr() for b in runner.staging.host] == buffers
+        assert runner.staging.allocations == len(buffers)
+        assert runner.tiles == sum(1 + i % 11 for i in range(400)) + 25
+    assert grown_kb < 20_000, f"peak RSS grew by {grown_kb} kB over 400 batches"
+    assert set(pred.batch_sizes) == {8}
+    # the padding of a short batch is blank, not the tiles of the batch before it
+    with BatchRunner(pred, batch_size=8, gather_s=0.0) as runner:
+        runner.run(np.full((8, 64, 64, 3), 255, np.uint8))
+        runner.run(np.full((2, 64, 64, 3), 7, np.uint8))
+    assert pred.last_max.tolist() == [7, 7, 0, 0, 0, 0, 0, 0]

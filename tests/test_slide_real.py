@@ -7,14 +7,17 @@ import pytest
 from PIL import Image
 
 from wsiproto.errors import WsiprotoError
-from wsiproto.slide import Slide, detect_tissue, tissue_mask_from_rgb
+from wsiproto.slide import Slide, detect_tissue, registered, tissue_mask_from_rgb
 
 from conftest import shared_data, shared_file
+
+# The registered readers of local SVS files.
+SVS_BACKENDS = tuple(b.name for b in registered() if "file" in b.kinds and ".svs" in b.suffixes)
 
 
 def test_cmu_small_region_both_backends():
     path = shared_file("slides", "CMU-1-Small-Region.svs")
-    for backend in ("openslide", "tiffslide"):
+    for backend in SVS_BACKENDS:
         with Slide(path, backend=backend) as s:
             assert s.dimensions == (2220, 2967)
             assert s.level_count == 1
@@ -27,7 +30,7 @@ def test_cmu_small_region_both_backends():
 
 def test_tcga_two_levels_jpeg2000_no_mpp():
     path = shared_file("slides", "TCGA-CR-7395-01A-01-TS1.svs")
-    for backend in ("openslide", "tiffslide"):
+    for backend in SVS_BACKENDS:
         with Slide(path, backend=backend) as s:
             assert s.dimensions == (4443, 3567)
             assert s.level_count == 2
@@ -53,27 +56,12 @@ def test_backends_agree_pixelwise_on_real_slides(name, region, mpp):
     path = shared_file("slides", name)
     kwargs = {} if mpp is None else {"mpp": mpp}
     reads = []
-    for backend in ("openslide", "tiffslide"):
+    for backend in SVS_BACKENDS:
         with Slide(path, backend=backend) as s:
             reads.append(s.read_region(region, (384, 384), **kwargs).astype(int))
     diff = np.abs(reads[0] - reads[1])
     # Different JPEG / JPEG 2000 decoders: small differences only.
     assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
-
-
-def test_dicom_file():
-    """OpenSlide 4.0.1 refuses this DICOM ('Couldn't get image flavor'): a clear error, or, with
-    a newer OpenSlide that reads it, a real slide."""
-    path = shared_file("slides", "TCGA-XK-AAJU-small.dcm")
-    try:
-        s = Slide(path)
-    except WsiprotoError as exc:
-        assert "DICOM" in str(exc) and str(path) in str(exc)
-        assert "\n" not in str(exc)
-        return
-    with s:
-        assert s.level_count >= 1 and min(s.dimensions) > 0
-        assert s.read_region((0, 0), (64, 64)).shape == (64, 64, 3)
 
 
 def test_tissue_on_real_slides():
@@ -93,7 +81,7 @@ def test_tissue_on_real_slides():
     ("no-tissue2.png", 0.0, 0.01),
     ("no-tissue-line.png", 0.0, 0.01),
     ("almost-white-1.png", 0.0, 0.01),
-    ("almost-white-2.png", 0.0, 0.05),
+    ("almost-white-2.png", 0.0, 0.08),  # a corner of real tissue (top right)
     ("no-tissue-green-pen.png", 0.0, 0.02),
     ("no-tissue-red-pen.png", 0.0, 0.45),  # red ink dropped; its dark core remains
     ("medium-nuclei-score-green-pen-level1.png", 0.3, 0.7),  # ink removed, tissue kept

@@ -19,7 +19,7 @@ memory by chunk size x chunks in flight (``SegmentOptions.workers``), never by s
 """
 
 from wsiproto.cohort.cluster import ClusterChoice, SlurmOptions, local_workers, slurm_cluster
-from wsiproto.cohort.inputs import SLIDE_SUFFIXES, SlideFolder, assign_folders, discover_slides
+from wsiproto.cohort.inputs import SlideFolder, assign_folders, discover_slides, folder_suffixes
 from wsiproto.cohort.manifest import FIELDS as MANIFEST_FIELDS
 from wsiproto.cohort.manifest import CohortLock, Manifest
 from wsiproto.cohort.report import format_summary, write_cohort_csv
@@ -28,7 +28,6 @@ from wsiproto.cohort.worker import WorkerSpec, segment_task, worker_model
 
 __all__ = [
     "MANIFEST_FIELDS",
-    "SLIDE_SUFFIXES",
     "ClusterChoice",
     "CohortLock",
     "CohortResult",
@@ -38,6 +37,7 @@ __all__ = [
     "WorkerSpec",
     "assign_folders",
     "discover_slides",
+    "folder_suffixes",
     "format_summary",
     "local_workers",
     "run_cohort",

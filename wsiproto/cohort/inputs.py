@@ -1,7 +1,7 @@
 """A cohort's inputs: which slides, and the folder inside ``OUT`` that each one's outputs get.
 
-Slides come from slide files, folders (searched recursively) and CSV files with a ``slide``
-column (:func:`discover_slides`). Folders come from :func:`assign_folders`: a slide's folder is
+Slides come from slide files, DICOM series folders, folders (searched recursively for both)
+and CSV files with a ``slide`` column (:func:`discover_slides`). Folders come from :func:`assign_folders`: a slide's folder is
 the one ``wsiproto segment`` gives it (``OUT/<name>/``, its file name made safe by
 :func:`wsiproto.segment.output_name`) unless that folder is already another slide's or has the
 name of one of the cohort's own files (``manifest.csv``, ...); then the slide goes one level
@@ -23,11 +23,14 @@ from pathlib import Path
 from wsiproto.cohort.layout import OWN_NAMES
 from wsiproto.errors import WsiprotoError
 
-#: File suffixes that folder inputs are searched for: what the slide readers open as a single
-#: file (the reader registry's ``wsiproto.slide.slide_suffixes()`` lists the same set). DICOM
-#: WSI series (many .dcm files per slide) are not collected from folders.
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
-                  ".svslide", ".qptiff")
+
+def folder_suffixes() -> tuple[str, ...]:
+    """The file suffixes folder inputs are searched for: what the slide readers open as one
+    file (:func:`wsiproto.slide.slide_suffixes`), ``.dcm`` excepted -- a DICOM WSI series is a
+    folder of files, found as one slide (:func:`wsiproto.slide.is_slide_folder`)."""
+    from wsiproto.slide import slide_suffixes
+
+    return tuple(s for s in slide_suffixes() if s != ".dcm")
 
 
 def slides_from_csv(path: Path) -> list[Path]:
@@ -69,27 +72,42 @@ def _inside(path: Path, folder: Path | None) -> bool:
 
 
 def _search(folder: Path, exclude: Path | None) -> list[Path]:
-    """Slide files under ``folder``, sorted; hidden entries, ``*.zarr`` and ``exclude`` left out."""
+    """Slides under ``folder``, sorted: slide files and DICOM series folders; hidden entries,
+    ``*.zarr`` and ``exclude`` left out."""
+    from wsiproto.slide import is_slide_folder
+
+    suffixes = folder_suffixes()
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".zarr")
-                         and not _inside(Path(root) / d, exclude))
+        keep = []
+        for d in sorted(dirs):
+            path = Path(root) / d
+            if d.startswith(".") or d.endswith(".zarr") or _inside(path, exclude):
+                continue
+            if is_slide_folder(path):
+                found.append(path)
+            else:
+                keep.append(d)
+        dirs[:] = keep
         found += [Path(root) / f for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in SLIDE_SUFFIXES]
+                  if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
     return sorted(found)
 
 
 def discover_slides(inputs: Iterable[str | os.PathLike], *,
                     exclude: str | os.PathLike | None = None) -> list[Path]:
     """Absolute slide paths from slides, folders and CSV files, in input order, without
-    duplicates. A path that does not exist is kept as a slide: it fails on its own with "no
+    duplicates. A folder that is a DICOM series is one slide; any other folder is searched
+    (:func:`_search`). A path that does not exist is kept as a slide: it fails on its own with "no
     such file" rather than hiding among the others. ``exclude``: a folder not to search (the
     output folder). Raises :class:`WsiprotoError` when nothing is found."""
+    from wsiproto.slide import is_slide_folder
+
     out: dict[str, Path] = {}
     excl = Path(exclude) if exclude is not None else None
     items = [Path(i).expanduser() for i in inputs]
     for item in items:
-        if item.is_dir() and item.suffix.lower() not in SLIDE_SUFFIXES:
+        if item.is_dir() and not is_slide_folder(item):
             found = _search(item, excl)
         elif item.suffix.lower() == ".csv":
             if not item.exists():
@@ -103,8 +121,8 @@ def discover_slides(inputs: Iterable[str | os.PathLike], *,
         names = ", ".join(str(i) for i in items) or "(none given)"
         raise WsiprotoError(
             f"no slides found in {names}",
-            hint=f"pass slide files, folders holding {', '.join(SLIDE_SUFFIXES[:6])} ... files, "
-                 "or a CSV with a `slide` column",
+            hint=f"pass slide files, folders holding {', '.join(folder_suffixes()[:6])} ... "
+                 "files or DICOM series, or a CSV with a `slide` column",
         )
     return list(out.values())
 
@@ -174,5 +192,5 @@ def assign_folders(slides: Iterable[str | os.PathLike],
     return result
 
 
-__all__ = ["SLIDE_SUFFIXES", "SlideFolder", "assign_folders", "discover_slides",
-           "slides_from_csv"]
+__all__ = ["SlideFolder", "assign_folders", "discover_slides",
+           "folder_suffixes", "slides_from_csv"]

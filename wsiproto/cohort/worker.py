@@ -62,7 +62,7 @@ class WorkerSpec:
 
 class StandInPredictor:
     """A model stand-in for benchmarks: the four BCSS classes from each pixel's colour (a few
-    numpy operations per tile), 64 px tiles at 0.5 um/px."""
+    tensor operations per tile, on the CPU), 64 px tiles at 0.5 um/px."""
 
     tile_size = 64
     mpp = 0.5
@@ -71,17 +71,18 @@ class StandInPredictor:
                ("NEC", (153, 0, 255))]
     background = ("background", (255, 255, 255))
     default_batch_size = 32
+    device = "cpu"
     cuda = False
 
     def describe(self) -> dict:
         return {"name": "cohort-standin", "tile": self.tile_size, "mpp": self.mpp}
 
     def predict_scores(self, tiles):
-        import numpy as np
+        """uint8 tensor [N, t, t, 3] -> float32 tensor [N, 5, t, t]."""
+        import torch
 
-        x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # [N, 3, t, t]
-        scores = np.concatenate([x, x[:, :1] * x[:, 2:], 1.0 - x.mean(1, keepdims=True)], axis=1)
-        return np.ascontiguousarray(scores, dtype=np.float32)
+        x = tiles.permute(0, 3, 1, 2).float() / 255.0
+        return torch.cat([x, x[:, :1] * x[:, 2:], 1.0 - x.mean(1, keepdim=True)], dim=1)
 
 
 _MODELS: dict[tuple, tuple[Any, Any]] = {}

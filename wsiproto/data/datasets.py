@@ -363,6 +363,10 @@ def open_dataset(root: str | Path, split: str, kind: str = "auto", csv: str | Pa
     headers at once instead of only when an item is loaded.
     """
     root = Path(root).expanduser()
+    if root.is_file():
+        raise WsiprotoError("is a file, not a dataset folder", path=root,
+                            hint="pass the folder that holds the dataset's splits (e.g. train/, "
+                                 "val/, test/), not a file inside it")
     if not root.is_dir():
         raise WsiprotoError("dataset folder not found", path=root, hint="check the path")
     split = _norm_split(split)

@@ -371,38 +371,45 @@ class SlidePyramidWriter:
             k += 1
         return k
 
-    def write_block(self, y0: int, x0: int, labels: np.ndarray, rgb: np.ndarray | None = None,
-                    probs: np.ndarray | None = None, levels: int = 0) -> None:
+    def write_block(self, y0: int, x0: int, labels: np.ndarray | None,
+                    rgb: np.ndarray | None = None, probs: np.ndarray | None = None,
+                    levels: int = 0) -> None:
         """Write one block of level 0 (labels, and the image [h, w, 3] / probabilities
         [K, h, w] when given) and its first ``levels`` pyramid levels (at most
         ``inline_levels(block)``; the block must start on that grid). ``build_pyramid(start=
-        levels + 1)`` then only has to make the small levels above."""
+        levels + 1)`` then only has to make the small levels above. ``labels=None``: the
+        block has no labels (they stay 0, the fill value); the image is still written."""
         step = 1 << levels
         if y0 % (self.chunk * step) or x0 % (self.chunk * step):
             raise ValueError(f"block ({y0}, {x0}) is not aligned for {levels} inline levels")
-        labels = np.asarray(labels)
-        if labels.ndim != 2 or labels.dtype != np.uint8:
-            raise ValueError(f"labels must be uint8 [h, w], got {labels.dtype} {labels.shape}")
+        if labels is None and rgb is None:
+            raise ValueError("write_block needs labels or an image")
+        shape = np.shape(labels)[:2] if labels is not None else np.shape(rgb)[:2]
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 2 or labels.dtype != np.uint8:
+                raise ValueError(f"labels must be uint8 [h, w], got {labels.dtype} {labels.shape}")
         img = None
         if rgb is not None:
             rgb = np.asarray(rgb)
-            if rgb.shape != labels.shape + (3,) or rgb.dtype != np.uint8:
-                raise ValueError(f"rgb must be uint8 {labels.shape + (3,)}, got {rgb.dtype} "
+            if rgb.shape != tuple(shape) + (3,) or rgb.dtype != np.uint8:
+                raise ValueError(f"rgb must be uint8 {tuple(shape) + (3,)}, got {rgb.dtype} "
                                  f"{rgb.shape}")
             img = np.ascontiguousarray(np.moveaxis(rgb, 2, 0))
         if probs is not None:
             probs = np.asarray(probs)
-            if probs.shape != (len(self.classes),) + labels.shape or probs.dtype != np.uint8:
+            if probs.shape != (len(self.classes),) + tuple(shape) or probs.dtype != np.uint8:
                 raise ValueError(f"probs must be uint8 [K, h, w], got {probs.dtype} {probs.shape}")
         lab = labels
         for k in range(levels + 1):
             y, x = y0 >> k, x0 >> k
             if k:
-                lab = mode_downsample(lab)
+                lab = None if lab is None else mode_downsample(lab)
                 img = None if img is None else mean_downsample(img)
                 probs = None if probs is None else mean_downsample(probs)
             self._region(y << k, x << k, 1, 1)  # the origin lies inside level 0
-            self._block_array("labels", k)[y : y + lab.shape[0], x : x + lab.shape[1]] = lab
+            if lab is not None:
+                self._block_array("labels", k)[y : y + lab.shape[0], x : x + lab.shape[1]] = lab
             if img is not None:
                 self._write_chw(self._block_array("image", k), y, x, img)
             if probs is not None:
@@ -498,11 +505,14 @@ class SlidePyramidWriter:
         return {"name": self.name, "channels": channels, "rdefs": {"model": "color"}}
 
     def _image_label(self) -> dict:
+        """Colours in ``colors`` only: ``properties`` hold scalars (a name per value), as
+        napari turns them into a feature table column by column (a list-valued ``color``
+        there made its Labels layer fail)."""
         colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
         props = [{"label-value": 0, "name": "unlabelled"}]
         for v, n, (r, g, b) in self.classes:
             colors.append({"label-value": v, "rgba": [r, g, b, 255]})
-            props.append({"label-value": v, "name": n, "color": [r, g, b]})
+            props.append({"label-value": v, "name": n})
         meta = {"colors": colors, "properties": props, "source": {"image": "../../"}}
         if self.ngff_version == "0.4":
             meta["version"] = "0.4"

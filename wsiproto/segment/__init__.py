@@ -1,22 +1,27 @@
-"""Whole-slide segmentation: chunk grid, batched inference, blending, outputs."""
+"""Whole-slide segmentation: plan, read, infer + blend, sinks; :func:`segment_slide` runs them
+(see :mod:`wsiproto.segment.engine` for the stages in order).
 
-from wsiproto.segment.grid import Chunk, ChunkGrid, blend_window
-from wsiproto.segment.infer import BatchRunner, TilePredictor, blend_tiles
-from wsiproto.segment.folder import output_name
-from wsiproto.segment.pipeline import (SCHEMA, SegmentOptions, SegmentResult, config_hash,
-                                       segment_slide)
+Names are imported on first use, so that ``wsiproto.segment.sinks`` or ``.options`` can be
+read (by the command line's option parser, say) without loading the engine."""
 
-__all__ = [
-    "BatchRunner",
-    "Chunk",
-    "ChunkGrid",
-    "SCHEMA",
-    "SegmentOptions",
-    "SegmentResult",
-    "TilePredictor",
-    "blend_tiles",
-    "blend_window",
-    "config_hash",
-    "output_name",
-    "segment_slide",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "segment_slide": "engine",
+    "output_name": "folder",
+    "Chunk": "grid", "ChunkGrid": "grid", "blend_window": "grid",
+    "BatchRunner": "infer", "TilePredictor": "infer",
+    "SegmentOptions": "options", "SegmentResult": "options",
+    "SCHEMA": "plan", "config_hash": "plan",
+    "runtime": "threads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

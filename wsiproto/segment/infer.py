@@ -1,11 +1,23 @@
-"""Batched tile inference shared by all chunks in flight, and per-chunk blending.
+"""Inference and blending, on the model's device: tiles go in as uint8, labels come out.
 
-A :class:`TilePredictor` maps RGB uint8 tiles [N, t, t, 3] to per-class scores float32
-[N, K + 1, t, t] (K tissue classes, then background; higher = more likely). A
-:class:`BatchRunner` owns one predictor and one thread that takes tiles from every chunk in
-flight and runs them in full batches, so a GPU stays busy while the chunk tasks read and
-decode; chunk tasks queue groups of tiles (``submit``) and wait on their own results only.
-:func:`blend_tiles` sums the scores of a chunk's tiles weighted by the blending window.
+A :class:`TilePredictor` maps uint8 tiles ``[N, t, t, 3]`` (a torch tensor on its ``device``)
+to per-class scores ``[N, K + 1, t, t]`` on that device (K tissue classes, then background;
+higher = more likely). The scores never leave the device:
+
+* :class:`BatchRunner` owns the predictor and one thread. It gathers tiles from every chunk in
+  flight into full batches, copies them into a reused staging buffer (pinned host memory on a
+  GPU, uploaded on a side CUDA stream while the previous batch computes) and runs the model
+  on exactly ``batch_size`` tiles every time, padding a short batch with blank tiles: the
+  kernels pick algorithms and reduction orders by input shape, so one shape makes a tile's
+  scores independent of the batch it ran in and of the CPU thread count (bitwise; tested).
+* :class:`ChunkCanvas` is a chunk's accumulator on the same device: each tile's scores are
+  weighted by the blending window and summed in as they come out of the model (in the chunk's
+  fixed tile order, so the sums are the same whatever the batches were); at the end the
+  argmax runs there too and only uint8 labels (and uint8 probabilities on request) are
+  copied to the host, once per chunk.
+
+On a CPU the same code runs with CPU tensors: staging is a plain reused array and the canvas
+a pair of float32 tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,19 +38,30 @@ class TilePredictor(Protocol):
     tile_size: int
     mpp: float
     num_classes: int  # K tissue classes; scores have K + 1 channels (background last)
+    # ``device`` (a torch.device or string), when absent: "cpu"
 
-    def predict_scores(self, tiles: np.ndarray) -> np.ndarray:
-        """uint8 [N, t, t, 3] -> float32 [N, K + 1, t, t], a fresh writeable array: the
-        pipeline blends it in place (``blend_tiles(consume=True)``)."""
+    def predict_scores(self, tiles):
+        """uint8 tensor [N, t, t, 3] on the predictor's device -> float tensor
+        [N, K + 1, t, t] on that device, which the caller may overwrite."""
+
+
+def predictor_device(predictor):
+    import torch
+
+    return torch.device(getattr(predictor, "device", "cpu"))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
 
 
 @dataclass
 class _Request:
     tiles: np.ndarray
-    out: np.ndarray | None = None
+    parts: list = field(default_factory=list)  # (start, scores) pieces, in order
+    filled: int = 0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    filled: int = 0
 
 
 class Pending:
@@ -46,7 +70,10 @@ class Pending:
     def __init__(self, req: _Request, ended: threading.Event):
         self._req, self._ended = req, ended
 
-    def result(self) -> np.ndarray:
+    def result(self):
+        """The scores (a tensor on the model's device), in the order of the tiles."""
+        import torch
+
         req = self._req
         # Wake up if the runner is closed meanwhile (an interrupt): never wait forever.
         while not req.done.wait(0.25):
@@ -54,22 +81,90 @@ class Pending:
                 raise RuntimeError("the batch runner was closed before these tiles ran")
         if req.error is not None:
             raise req.error
-        out, self._req.out = req.out, None
-        return out
+        parts, req.parts = req.parts, []
+        return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
+
+
+class _Staging:
+    """Reused host buffers for batches on their way to the model: ``slots`` of them, pinned on
+    a GPU, each with a device twin that a side stream fills while the model computes on the
+    other. Never allocated again after start-up (``allocations`` counts, for tests)."""
+
+    def __init__(self, shape: tuple[int, ...], device, slots: int = 2):
+        import torch
+
+        self.device = device
+        self.cuda = device.type == "cuda"
+        n = slots if self.cuda else 1
+        self.host = [torch.zeros(shape, dtype=torch.uint8, pin_memory=self.cuda)
+                     for _ in range(n)]
+        self.allocations = n
+        self.filled = [0] * n  # rows holding tiles of the last batch (the rest are zero)
+        self._next = 0
+        if self.cuda:
+            self.dev = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(n)]
+            self.stream = torch.cuda.Stream(device=device)
+            self.copied = [torch.cuda.Event() for _ in range(n)]
+            self.consumed = [torch.cuda.Event() for _ in range(n)]
+
+    def take(self) -> int:
+        """The next slot, once its previous upload has finished (its buffer is free)."""
+        j = self._next
+        self._next = (j + 1) % len(self.host)
+        if self.cuda:
+            self.copied[j].synchronize()
+        return j
+
+    def fill(self, j: int, pieces: list[np.ndarray]) -> int:
+        """Copy the batch's tiles into slot ``j``; rows beyond them are zero. Returns n."""
+        import torch
+
+        buf = self.host[j]
+        n = 0
+        for piece in pieces:
+            buf[n : n + len(piece)].copy_(torch.from_numpy(piece))
+            n += len(piece)
+        if self.filled[j] > n:
+            buf[n : self.filled[j]].zero_()
+        self.filled[j] = n
+        return n
+
+    def upload(self, j: int):
+        """Slot ``j`` on the model's device (on a GPU: copied on the side stream; the current
+        stream waits for the copy, and the next copy into this slot for the model)."""
+        import torch
+
+        if not self.cuda:
+            return self.host[j]
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.consumed[j])
+            self.dev[j].copy_(self.host[j], non_blocking=True)
+            self.copied[j].record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(self.copied[j])
+        return self.dev[j]
+
+    def release(self, j: int) -> None:
+        """The model's work on slot ``j`` is queued: later copies into it wait for it."""
+        if self.cuda:
+            self.consumed[j].record()
 
 
 class BatchRunner:
-    """Runs ``predictor`` on batches of ``batch_size`` tiles gathered across callers.
+    """Runs ``predictor`` on batches of exactly ``batch_size`` tiles gathered across callers.
 
-    ``run(tiles)`` is thread-safe and blocking. The worker waits ``gather_s`` for more tiles when
-    a batch is not full, so that tiles of several chunks share a batch. Counters (``tiles``,
-    ``batches``, ``busy_s``) measure what the model did.
+    ``submit(tiles)`` is thread-safe and returns at once; ``.result()`` waits for the scores.
+    The worker waits ``gather_s`` for more tiles when a batch is not full, so that tiles of
+    several chunks share a batch. Counters (``tiles``, ``batches``, ``busy_s``) measure what
+    the model did (``busy_s``: wall time in the predictor's call; on a GPU the launches).
     """
 
     def __init__(self, predictor: TilePredictor, batch_size: int = 32, gather_s: float = 0.005):
         self.predictor = predictor
         self.batch_size = max(1, int(batch_size))
         self.gather_s = gather_s
+        self.device = predictor_device(predictor)
+        t = int(predictor.tile_size)
+        self.staging = _Staging((self.batch_size, t, t, 3), self.device)
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._ended = threading.Event()
@@ -90,22 +185,22 @@ class BatchRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def run(self, tiles: np.ndarray) -> np.ndarray:
+    def run(self, tiles: np.ndarray):
         """Scores of ``tiles`` (blocks until they ran)."""
         return self.submit(tiles).result()
 
     def submit(self, tiles: np.ndarray) -> Pending:
-        """Queue ``tiles`` and return at once; ``.result()`` waits for their scores. A chunk
-        keeps its next group queued while it blends the last one, so the model never waits
-        for a chunk task to come back."""
-        if len(tiles) == 0:
-            t = self.predictor.tile_size
-            req = _Request(tiles=tiles)
-            req.out = np.zeros((0, self.predictor.num_classes + 1, t, t), np.float32)
-            req.done.set()
-            return Pending(req, self._ended)
+        """Queue uint8 ``tiles`` [n, t, t, 3] and return at once."""
         req = _Request(tiles=tiles)
-        self._queue.put(req)
+        if len(tiles) == 0:
+            import torch
+
+            t = self.predictor.tile_size
+            req.parts = [(0, torch.zeros((0, self.predictor.num_classes + 1, t, t),
+                                         device=self.device))]
+            req.done.set()
+        else:
+            self._queue.put(req)
         return Pending(req, self._ended)
 
     # The worker: pieces of requests are packed into batches; a request may span batches.
@@ -128,8 +223,7 @@ class BatchRunner:
             if not pending:
                 continue
             if sum(len(r.tiles) - i for r, i in pending) < self.batch_size:
-                # Wait briefly for other chunks' tiles to fill the batch.
-                try:
+                try:  # wait briefly for other chunks' tiles to fill the batch
                     more = self._queue.get(timeout=self.gather_s)
                     if more is not None:
                         pending.append([more, 0])
@@ -139,21 +233,46 @@ class BatchRunner:
             self._run_batch(pending)
             pending[:] = [p for p in pending if not p[0].done.is_set()]
 
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        """Scores of a batch. A short batch (the last tiles of a chunk when nothing else is
-        queued) runs as pieces of power-of-two sizes: the model then only ever sees a handful
-        of batch shapes. Every new shape leaves its activations' holes in the heap: measured
-        here, batches of every size from 1 to 32 raised the model's own peak RSS by 260 MB
-        (1.50 -> 1.76 GB) for good, which a long run meets and a short one does not."""
-        n = len(batch)
-        if n >= self.batch_size or n & (n - 1) == 0:
-            return self.predictor.predict_scores(batch)
-        parts, start = [], 0
-        while start < n:
-            size = 1 << ((n - start).bit_length() - 1)
-            parts.append(self.predictor.predict_scores(batch[start : start + size]))
-            start += size
-        return np.concatenate(parts)
+    def _take_parts(self, pending: list[list]) -> list[tuple[_Request, int, int]]:
+        parts, room = [], self.batch_size
+        for entry in pending:
+            req, start = entry
+            n = min(room, len(req.tiles) - start)
+            if n <= 0:
+                continue
+            parts.append((req, start, n))
+            entry[1] = start + n
+            room -= n
+            if room == 0:
+                break
+        return parts
+
+    def _run_batch(self, pending: list[list]) -> None:
+        import torch
+
+        parts = self._take_parts(pending)
+        t0 = time.perf_counter()
+        try:
+            j = self.staging.take()
+            n = self.staging.fill(j, [r.tiles[s : s + k] for r, s, k in parts])
+            with torch.inference_mode():
+                scores = self.predictor.predict_scores(self.staging.upload(j))
+            self.staging.release(j)
+        except BaseException as exc:  # hand the error to every caller in this batch
+            for req, _, _ in parts:
+                req.error = exc
+                req.done.set()
+            return
+        self.busy_s += time.perf_counter() - t0
+        self.tiles += n
+        self.batches += 1
+        offset = 0
+        for req, start, k in parts:
+            req.parts.append((start, scores[offset : offset + k]))
+            offset += k
+            req.filled += k
+            if req.filled == len(req.tiles):
+                req.done.set()
 
     def _fail_leftovers(self, pending: list[list]) -> None:
         """Closed: fail what is still waiting so that its callers return."""
@@ -171,83 +290,129 @@ class BatchRunner:
                 req.error = closed
                 req.done.set()
 
-    def _run_batch(self, pending: list[list]) -> None:
-        parts, take = [], self.batch_size
-        for entry in pending:
-            req, start = entry
-            n = min(take, len(req.tiles) - start)
-            if n <= 0:
+
+# --------------------------------------------------------------------------------------------
+# Blending
+
+
+class CanvasPool:
+    """Accumulator buffers on one device, reused from chunk to chunk (a fresh 80 MB buffer per
+    chunk costs page faults on every first write, more than clearing a used one). At most as
+    many exist as chunks are blended at once."""
+
+    def __init__(self, device, channels: int, size: int, tile: int, overlap: int):
+        import torch
+
+        self.device, self.channels, self.size = device, channels, size
+        self.window = torch.from_numpy(blend_window(tile, overlap)).to(device)
+        self.tile, self.overlap = tile, overlap
+        self._free: list = []
+        self._lock = threading.Lock()
+        self.allocations = 0
+
+    def canvas(self, y0: int, x0: int, height: int, width: int) -> ChunkCanvas:
+        import torch
+
+        with self._lock:
+            bufs = self._free.pop() if self._free else None
+        if bufs is None:
+            side = max(self.size, height, width)
+            bufs = (torch.empty((self.channels, side, side), dtype=torch.float32,
+                                device=self.device),
+                    torch.empty((side, side), dtype=torch.float32, device=self.device))
+            self.allocations += 1
+        return ChunkCanvas(self, bufs, y0, x0, height, width)
+
+    def give_back(self, bufs) -> None:
+        with self._lock:
+            self._free.append(bufs)
+
+
+class ChunkCanvas:
+    """The blend of one chunk on the model's device: sum of window x scores [K+1, h, w] and sum
+    of windows [h, w] (see module doc). Use as a context manager: the buffers go back to the
+    pool at the end."""
+
+    def __init__(self, pool: CanvasPool, bufs, y0: int, x0: int, height: int, width: int):
+        self._pool, self._bufs = pool, bufs
+        self.y0, self.x0, self.h, self.w = y0, x0, height, width
+        self.acc = bufs[0][:, :height, :width]
+        self.wsum = bufs[1][:height, :width]
+        self.acc.zero_()
+        self.wsum.zero_()
+
+    def __enter__(self) -> ChunkCanvas:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bufs is not None:
+            self._pool.give_back(self._bufs)
+            self._bufs = None
+
+    def add(self, scores, positions: list[tuple[int, int]]) -> None:
+        """Blend tiles: ``scores`` [n, K+1, t, t] (overwritten) at label-frame ``positions``.
+        Multiply, then add, in float32: the same roundings wherever it runs."""
+        import torch
+
+        with torch.inference_mode():  # the scores are inference tensors
+            self._add(scores, positions)
+
+    def _add(self, scores, positions) -> None:
+        t, win = self._pool.tile, self._pool.window
+        for i, (ty, tx) in enumerate(positions):
+            y0, x0 = ty - self.y0, tx - self.x0
+            cy0, cx0 = max(y0, 0), max(x0, 0)
+            cy1, cx1 = min(y0 + t, self.h), min(x0 + t, self.w)
+            if cy1 <= cy0 or cx1 <= cx0:
                 continue
-            parts.append((req, start, n))
-            entry[1] = start + n
-            take -= n
-            if take == 0:
-                break
-        batch = np.concatenate([r.tiles[s : s + n] for r, s, n in parts]) if len(parts) > 1 \
-            else parts[0][0].tiles[parts[0][1] : parts[0][1] + parts[0][2]]
-        t0 = time.perf_counter()
-        try:
-            scores = self._predict(batch)
-        except BaseException as exc:  # hand the error to every caller in this batch
-            for req, _, _ in parts:
-                req.error = exc
-                req.done.set()
-            return
-        self.busy_s += time.perf_counter() - t0
-        self.tiles += len(batch)
-        self.batches += 1
-        offset = 0
-        for req, start, n in parts:
-            if n == len(req.tiles):  # the whole request in this batch: no copy
-                req.out = scores[offset : offset + n]
-            else:
-                if req.out is None:
-                    req.out = np.empty((len(req.tiles),) + scores.shape[1:], scores.dtype)
-                req.out[start : start + n] = scores[offset : offset + n]
-            offset += n
-            req.filled += n
-            if req.filled == len(req.tiles):
-                req.done.set()
+            sy, sx = slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)
+            part = scores[i, :, sy, sx].float()
+            wt = win[sy, sx]
+            part.mul_(wt)
+            self.acc[:, cy0:cy1, cx0:cx1].add_(part)
+            self.wsum[cy0:cy1, cx0:cx1].add_(wt)
+
+    def labels(self, probabilities: bool = False):
+        """uint8 labels [h, w] on the host: 1 + the argmax over classes and background (ties
+        to the first), 0 where no tile reached; and uint8 probabilities [K+1, h, w] (each
+        channel's share of the blended scores x 255, rounded) when asked, else None."""
+        import torch
+
+        with torch.inference_mode():
+            return self._labels(probabilities)
+
+    def _labels(self, probabilities: bool):
+        import torch
+
+        covered = self.wsum > 0
+        labels = torch.argmax(self.acc, dim=0).to(torch.uint8).add_(1).mul_(covered)
+        probs = None
+        if probabilities:  # every channel, background included, as the store holds them
+            p = self.acc / self.wsum.clamp_min(1e-12)
+            p /= p.sum(0, keepdim=True).clamp_min(1e-12)
+            probs = p.mul_(255).round_().mul_(covered).to(torch.uint8).cpu().numpy()
+        return labels.cpu().numpy(), probs
 
 
-def blend_tiles(
-    scores: np.ndarray,
-    positions: list[tuple[int, int]],
-    origin: tuple[int, int],
-    shape: tuple[int, int],
-    overlap: int,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
-    consume: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted sum of tile scores on a canvas of ``shape`` whose top-left is ``origin``.
+def blend_chunk(runner: BatchRunner, canvas: ChunkCanvas, inp, group: int,
+                in_flight: int = 2) -> int:
+    """Run a chunk's tiles through ``runner`` group by group and blend them into ``canvas``;
+    the next groups are queued before the last one is blended, so the model always has this
+    chunk's work. The scores of a whole chunk never exist at once. Returns the tile count."""
+    t = runner.predictor.tile_size
+    groups = [inp.positions[g : g + group] for g in range(0, len(inp.positions), group)]
+    queued = deque((g, runner.submit(inp.tiles(g, t))) for g in groups[:in_flight])
+    nxt = len(queued)
+    while queued:
+        positions, pending = queued.popleft()
+        scores = pending.result()
+        if nxt < len(groups):
+            queued.append((groups[nxt], runner.submit(inp.tiles(groups[nxt], t))))
+            nxt += 1
+        canvas.add(scores, positions)
+        del scores
+    return len(inp.positions)
 
-    Returns (sum of weight x scores [K+1, h, w], sum of weights [h, w]); tiles are cut to the
-    canvas. Positions and origin are label-frame coordinates. ``out``: accumulate into these
-    arrays (tiles of one canvas can then be blended group by group). ``consume``: the scores
-    may be overwritten (saves a temporary per tile).
-    """
-    n, k1, t, _ = scores.shape
-    h, w = shape
-    if out is None:
-        acc = np.zeros((k1, h, w), np.float32)
-        wsum = np.zeros((h, w), np.float32)
-    else:
-        acc, wsum = out
-    win = blend_window(t, overlap)
-    oy, ox = origin
-    for i, (ty, tx) in enumerate(positions):
-        y0, x0 = ty - oy, tx - ox
-        cy0, cx0 = max(y0, 0), max(x0, 0)
-        cy1, cx1 = min(y0 + t, h), min(x0 + t, w)
-        if cy1 <= cy0 or cx1 <= cx0:
-            continue
-        sy, sx = slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)
-        wt = win[sy, sx]
-        if consume:
-            part = scores[i][:, sy, sx]
-            part *= wt
-            acc[:, cy0:cy1, cx0:cx1] += part
-        else:
-            acc[:, cy0:cy1, cx0:cx1] += scores[i][:, sy, sx] * wt
-        wsum[cy0:cy1, cx0:cx1] += wt
-    return acc, wsum
+
+__all__ = ["BatchRunner", "CanvasPool", "ChunkCanvas", "Pending", "TilePredictor",
+           "blend_chunk", "predictor_device"]

@@ -5,10 +5,11 @@
 class probabilities — the "predicted" protocol — and the background score), which the pipeline
 blends across overlapping tiles before the argmax.
 
-Device handling: ``auto`` picks CUDA when available. On a GPU, tiles go through pinned memory
-with non-blocking copies, the model runs under bf16 autocast and inference mode; on a CPU it
-runs in fp32 (or with the weights cast to bf16 with ``precision="bf16"``, faster on CPUs with
-AMX).
+Device handling: ``auto`` picks CUDA when available. Tiles arrive on the device as uint8 (the
+:class:`~wsiproto.segment.infer.BatchRunner` uploads them through pinned staging buffers) and
+are normalised there; the scores stay there. On a GPU the model runs under bf16 autocast and
+inference mode; on a CPU in fp32 (or with the weights cast to bf16 with ``precision="bf16"``,
+faster on CPUs with AMX).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-import numpy as np
 
 from wsiproto.errors import WsiprotoError
 from wsiproto.files import update_sha256
@@ -58,7 +57,8 @@ def weights_digest(folder: Path) -> str:
 
 
 class DualProtoPredictor:
-    """Wraps a DualProtoSeg model: uint8 tiles in, float32 class scores [N, C + 1, t, t] out."""
+    """Wraps a DualProtoSeg model: uint8 tiles in, class scores [N, C + 1, t, t] out, both on
+    the model's device."""
 
     def __init__(self, model, *, device: str = "auto", precision: str = "auto",
                  tta: bool = False, source: str | None = None, digest: str | None = None):
@@ -108,17 +108,17 @@ class DualProtoPredictor:
             "protocol": "predicted",
         }
 
-    def predict_scores(self, tiles: np.ndarray) -> np.ndarray:
+    def predict_scores(self, tiles):
+        """uint8 tiles [N, t, t, 3] (a tensor on this predictor's device, or an array) ->
+        scores [N, C + 1, t, t] on the device, normalised there."""
         import torch
 
         from wsiproto.model.masks import mask_scores
 
         t = self.tile_size
-        if tiles.ndim != 4 or tiles.shape[1:] != (t, t, 3):
-            raise ValueError(f"tiles must be [N, {t}, {t}, 3] uint8, got {tiles.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(tiles))
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if tiles.ndim != 4 or tuple(tiles.shape[1:]) != (t, t, 3):
+            raise ValueError(f"tiles must be [N, {t}, {t}, 3] uint8, got {tuple(tiles.shape)}")
+        x = torch.as_tensor(tiles).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).to(self._dtype).div_(255.0)
         x = (x - self._mean) / self._std
         with torch.inference_mode():
@@ -127,7 +127,7 @@ class DualProtoPredictor:
                     scores, _ = mask_scores(self.model, x, tta=self.tta)
             else:
                 scores, _ = mask_scores(self.model, x, tta=self.tta)
-        return scores.float().cpu().numpy()
+        return scores
 
 
 def load_predictor(model: str | os.PathLike | None, *, device: str = "auto",

@@ -97,3 +97,45 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
         return False
     _arenas_limited = ok
     return ok
+
+
+class _Runtime:
+    def freeze(self) -> None:
+        """Keep the cyclic garbage collector off every object alive now (call once the
+        long-lived ones, e.g. the model, exist)."""
+        import gc
+
+        gc.freeze()
+
+
+@contextmanager
+def runtime():
+    """The process-wide settings a segmentation process runs best with, entered by the
+    ``wsiproto`` command and by cohort workers around their work (never by a library call):
+
+    * glibc malloc limited to one arena (:func:`limit_malloc_arenas`; stays for the process:
+      enter before the model is loaded, so that its threads share the arena too);
+    * the cyclic garbage collector kept off the objects alive at ``.freeze()`` (the model,
+      torch, the libraries: a full collection over a loaded model costs ~0.2 s, on the model's
+      time); undone at exit;
+    * a short GIL switch interval (:func:`responsive_gil`); restored at exit;
+    * tifffile's and tiffslide's loggers at ERROR (a damaged file's oddities reach the user
+      once, as our own error); restored at exit.
+    """
+    import gc
+    import logging
+
+    limit_malloc_arenas()
+    loggers = [logging.getLogger(n) for n in ("tifffile", "tiffslide")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.ERROR))
+    rt = _Runtime()
+    rt.freeze()
+    try:
+        with responsive_gil():
+            yield rt
+    finally:
+        gc.unfreeze()
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -8,7 +8,7 @@ from typing import Any
 def describe(slide, *, tissue: bool = True) -> dict[str, Any]:
     """Backend, vendor, size, levels, mpp, objective, bounds, associated images, tissue."""
     info: dict[str, Any] = {
-        "path": str(slide.path),
+        "path": slide.source,
         "backend": slide.backend,
         "vendor": slide.vendor,
         "width": slide.dimensions[0],

@@ -1,9 +1,11 @@
-"""One slide object over OpenSlide (first choice) and tiffslide (fallback).
+"""One slide object over the registered readers (:mod:`wsiproto.slide.backends`).
 
 Coordinates: every position that this module takes or returns is in level-0 pixels of the
 slide's *bounds-cropped frame*: OpenSlide's ``openslide.bounds-x/y`` offset is subtracted, so
 (0, 0) is the top-left pixel of the scanned area, as in QuPath. Pixels outside the slide (or
-transparent in it) come back as one fill value (white by default) whatever the backend.
+transparent in it, such as a missing tile) come back as one fill value (white by default)
+whatever the backend. A slide whose pixels cannot be read is an error, never an empty slide
+(:mod:`wsiproto.slide.integrity`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from typing import Any
 import numpy as np
 
 from wsiproto.errors import WsiprotoError
+from wsiproto.slide import urls
+from wsiproto.slide.backends import Target, candidates, get_backend
+from wsiproto.slide.backends.base import PLAUSIBLE_MPP, as_pil, positive_float
+from wsiproto.slide.integrity import check_tiff, corrupt, library_log
+from wsiproto.slide.source import check_slide_path, is_tiff, resolve, unreadable
+
+__all__ = ["Bounds", "Slide", "check_slide_path", "open_slide", "resample_box"]
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("openslide", "tiffslide")
-
-# Physical pixel sizes outside this range are not whole-slide microscopy (a 72-dpi default
-# written by a generic TIFF writer is 352 um/px): such TIFF resolution tags are ignored.
-_PLAUSIBLE_MPP = (0.02, 50.0)
 
 
 @dataclass(frozen=True)
@@ -39,113 +42,27 @@ class Bounds:
     height: int
 
 
-def _classify_unreadable(path: Path) -> tuple[str, str]:
-    """Why a file that no backend opened is unreadable: a message and what to do."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    tiff_magic = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-    if tiff_magic:
-        return (
-            "TIFF file is truncated or corrupt",
-            "re-copy or re-export the slide from its source (check its size and checksum)",
-        )
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return (
-            "DICOM file that neither OpenSlide nor tiffslide can read (unsupported DICOM flavour)",
-            "convert it to a pyramidal TIFF (e.g. `wsidicomizer`/`bfconvert`) or export a WSI DICOM "
-            "series with VL Whole Slide Microscopy instances",
-        )
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and text.strip() and all(c.isprintable() or c.isspace() for c in text):
-        return (
-            "not a slide: this is a text file",
-            "pass the slide image itself (.svs, .tif, .ndpi, .mrxs, .scn, .vms, .bif, .dcm ...)",
-        )
-    return (
-        "unsupported or unrecognised slide format",
-        "use a format OpenSlide reads (.svs, .tif, .ndpi, .mrxs, .scn, .vms, .bif, DICOM WSI) or "
-        "convert it to a pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid`)",
-    )
-
-
-def check_slide_path(path: str | os.PathLike) -> Path:
-    """Fail with one actionable line when ``path`` cannot possibly be a slide file."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise WsiprotoError("no such file", path=p, hint="check the path and spelling")
-    if p.is_dir():
-        raise WsiprotoError(
-            "is a directory, not a slide file",
-            path=p,
-            hint="pass the slide file inside it (for MIRAX pass the .mrxs file)",
-        )
-    if not os.access(p, os.R_OK):
-        raise WsiprotoError("permission denied", path=p, hint="make the file readable (chmod +r)")
-    if p.stat().st_size == 0:
-        raise WsiprotoError(
-            "empty file (0 bytes)", path=p, hint="the copy or download failed; copy the slide again"
-        )
-    return p
-
-
-def _open_backend(name: str, path: Path) -> Any:
-    if name == "openslide":
-        import openslide
-
-        return openslide.OpenSlide(str(path))
-    if name == "tiffslide":
-        import tiffslide
-
-        return tiffslide.TiffSlide(str(path))
-    raise WsiprotoError(f"unknown backend {name!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-
-
-def _float_or_none(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) and out > 0 else None
-
-
-def _mpp_from_tiff_tags(path: Path) -> tuple[float, float] | None:
-    """Pixel size from the first page's XResolution/YResolution/ResolutionUnit tags."""
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(str(path)) as tf:
-            tags = tf.pages[0].tags
-            unit = tags.get("ResolutionUnit")
-            xres, yres = tags.get("XResolution"), tags.get("YResolution")
-            if unit is None or xres is None or yres is None:
-                return None
-            unit_value = int(unit.value)
-            xr, yr = (float(v.value[0]) / float(v.value[1]) for v in (xres, yres))
-    except Exception:  # not a TIFF, or unreadable tags: no TIFF-derived mpp
-        return None
-    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit_value)  # inch, centimetre
-    if um_per_unit is None or xr <= 0 or yr <= 0:
-        return None
-    mpp = (um_per_unit / xr, um_per_unit / yr)
-    lo, hi = _PLAUSIBLE_MPP
-    return mpp if all(lo <= m <= hi for m in mpp) else None
+class ReadFailure(Exception):
+    """A read the decoding library complained about (its log), or returned short."""
 
 
 class Slide:
     """A whole-slide image: geometry, pixel size, associated images and region reads.
 
-    ``backend``: ``"auto"`` (OpenSlide, else tiffslide), ``"openslide"`` or ``"tiffslide"``.
+    ``path``: a slide file, a folder holding a DICOM WSI series, or a URL (``https://``,
+    ``s3://``, any fsspec URL; see :mod:`wsiproto.slide.urls`). ``backend``: ``"auto"`` (the
+    registered readers by priority) or one of :func:`wsiproto.slide.backend_names`.
     ``mpp``: the level-0 pixel size in um/px to use instead of the slide's own (``mpp_source``
-    is then ``"user"``; ``native_mpp`` keeps what the slide says). Without it: vendor metadata,
-    then TIFF resolution tags, else ``mpp`` is ``None`` ("unknown").
+    is then ``"user"``; ``native_mpp`` keeps what the slide says). Without it: the format's
+    metadata (``"vendor"``; DICOM pixel spacing included), then TIFF resolution tags
+    (``"tiff-resolution"``), else ``mpp`` is ``None`` ("unknown").
     ``fill``: the RGB value of pixels outside the slide or transparent in it.
 
-    A Slide is a context manager and picklable: the pickle holds the path and options, and the
-    receiving process reopens the file. Reads are thread-safe. After an OpenSlide error (which
-    latches the handle) the handle is reopened and the read is retried once.
+    ``source`` is what outputs and messages show (a URL without its query string or user
+    info); ``path`` is where the slide is (a Path, or the URL as given). A Slide is a context
+    manager and picklable: the pickle holds the location and options, and the receiving
+    process reopens it. Reads are thread-safe. After a failed read the handle is reopened and
+    the read retried once (OpenSlide's errors latch a handle).
     """
 
     def __init__(
@@ -155,65 +72,132 @@ class Slide:
         mpp: float | None = None,
         fill: int | tuple[int, int, int] = 255,
     ):
-        self.path = check_slide_path(path)
-        if backend not in ("auto", *BACKENDS):
-            raise WsiprotoError(
-                f"unknown slide backend {backend!r}", hint=f"use auto, {', '.join(BACKENDS)}"
-            )
-        if mpp is not None and not (_PLAUSIBLE_MPP[0] <= (_float_or_none(mpp) or 0) <= _PLAUSIBLE_MPP[1]):
+        if backend != "auto":
+            get_backend(backend)  # an unknown name is refused before the file is looked at
+        if mpp is not None and not (PLAUSIBLE_MPP[0] <= (positive_float(mpp) or 0) <= PLAUSIBLE_MPP[1]):
             raise WsiprotoError(
                 f"--mpp {mpp!r} is not a whole-slide pixel size",
-                hint=f"give the level-0 pixel size in um/px, between {_PLAUSIBLE_MPP[0]:g} and "
-                     f"{_PLAUSIBLE_MPP[1]:g} (e.g. 0.5 for a 20x scan, 0.25 for 40x)")
+                hint=f"give the level-0 pixel size in um/px, between {PLAUSIBLE_MPP[0]:g} and "
+                     f"{PLAUSIBLE_MPP[1]:g} (e.g. 0.5 for a 20x scan, 0.25 for 40x)")
+        self.target: Target = resolve(path)
+        self.path: Path | str = (self.target.location if self.target.kind == "url"
+                                 else Path(self.target.location))
         self.requested_backend = backend
         self.user_mpp = None if mpp is None else float(mpp)
         fill_rgb = (fill,) * 3 if isinstance(fill, (int, np.integer)) else tuple(fill)
         self.fill = tuple(int(v) for v in fill_rgb)
         self._lock = threading.Lock()
-        self._handle = None
+        self._reader = None
         self.backend = ""
+        tiff_mpp = self._check_structure()
         self._open()
-        self._read_metadata()
+        self._read_metadata(tiff_mpp)
+        if not self._tiff:
+            self._probe_levels()
 
     # -- opening -------------------------------------------------------------------------------
-    def _open(self) -> None:
-        order = BACKENDS if self.requested_backend == "auto" else (self.requested_backend,)
-        errors = []
-        for name in order:
+    def _check_structure(self) -> tuple[float, float] | None:
+        """The TIFF structure check of :mod:`integrity` for TIFF files and URLs (whatever the
+        backend); returns the TIFF resolution tags' pixel size."""
+        t = self.target
+        self._tiff = False
+        if t.kind == "folder":
+            return None
+        if t.kind == "file":
+            with open(t.location, "rb") as fh:
+                if not is_tiff(fh.read(4)):
+                    return None
+            self._tiff = True
+            return check_tiff(t.location, os.path.getsize(t.location), t.shown)
+        self._tiff = True
+        try:
+            with urls.open_url(t.location, t.facts) as fh:
+                if not is_tiff(fh.read(4)):
+                    raise unreadable(t)
+                fh.seek(max(t.facts["bytes"] - 1, 0))
+                fh.read(1)  # a server that ignores Range requests fails here, said as such
+                fh.seek(0)
+                return check_tiff(fh, t.facts["bytes"], t.shown)
+        except WsiprotoError:
+            urls.stat(t.location)  # the server gone is said as such, not as a corrupt file
+            raise
+        except Exception as exc:
+            raise urls.remote_error(exc, t.location) from None
+
+    def _probe_levels(self) -> None:
+        """Formats without a structure check (DICOM, MIRAX, VMS ...): the last pixel of every
+        level is decoded at open, so that a file cut short fails here, in one line, and not
+        as the run's last chunk (a DICOM instance's frame table reaches its last frame)."""
+        for level, (w, h) in enumerate(self.level_dimensions):
             try:
-                handle = _open_backend(name, self.path)
-                # Some backends open lazily: touch the geometry so a broken file fails here.
-                _ = (handle.dimensions, handle.level_count, handle.level_dimensions)
+                self._backend_read(level, w - 1, h - 1, 1, 1)
+            except Exception as exc:
+                self.close()
+                raise corrupt(self.source, f"level {level} cannot be decoded: "
+                                           f"{type(exc).__name__}: {exc}") from None
+
+    def _open(self) -> None:
+        errors = []
+        for backend in candidates(self.target, self.requested_backend):
+            try:
+                reader = self._open_with(backend)
             except WsiprotoError:
                 raise
             except Exception as exc:  # each backend raises its own types
-                errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                log.debug("backend %s failed on %s: %s", name, self.path, exc)
+                text = " ".join(str(exc).split())
+                if self.target.kind == "url":
+                    text = urls.scrub(text, self.target.location)
+                errors.append((backend, f"{backend.name}: {type(exc).__name__}: {text}"))
+                log.debug("backend %s failed on %s: %s", backend.name, self.source, exc)
                 continue
-            self._handle, self.backend = handle, name
-            if errors:
-                log.warning("%s: %s; reading it with %s instead", self.path,
-                            "; ".join(errors), name)
+            self._reader, self.backend = reader, backend.name
+            # Worth a line: a reader made for this kind of file failed on it.
+            expected = [e for b, e in errors if self.target.suffix in b.suffixes]
+            if expected:
+                log.warning("%s: %s; reading it with %s instead", self.source,
+                            "; ".join(expected), backend.name)
             return
-        message, hint = _classify_unreadable(self.path)
         if self.requested_backend != "auto":
-            hint = f"{hint}; or try --backend auto"
-        raise WsiprotoError(message, path=self.path, hint=hint)
+            other = self._other_reader()
+            if other:  # the slide is fine: the chosen reader is not the one for it
+                raise WsiprotoError(
+                    f"the {self.requested_backend} reader cannot open it ({errors[0][1]})",
+                    path=self.source, hint=f"--backend {other} (or auto) reads it")
+        raise unreadable(self.target)  # no hint to try another reader: none opens it
+
+    def _open_with(self, backend) -> Any:
+        with library_log() as logged:
+            reader = backend.open(self.target)
+        if logged:
+            reader.close()
+            raise ReadFailure(logged[0])
+        return reader
+
+    def _other_reader(self) -> str | None:
+        """A backend other than the requested one that opens this slide, if any."""
+        for backend in candidates(self.target):
+            if backend.name == self.requested_backend:
+                continue
+            try:
+                self._open_with(backend).close()
+            except Exception:
+                continue
+            return backend.name
+        return None
 
     def _reopen(self) -> None:
-        old = self._handle
-        self._handle = None
+        old, self._reader = self._reader, None
         try:
             if old is not None:
                 old.close()
         except Exception:  # a latched handle may fail to close; it is dropped either way
             pass
-        self._handle = _open_backend(self.backend, self.path)
+        self._reader = self._open_with(get_backend(self.backend))
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def __enter__(self) -> Slide:
         return self
@@ -223,70 +207,66 @@ class Slide:
 
     @property
     def source(self) -> str:
-        """Where the slide is, as outputs and messages may show it."""
-        return str(self.path)
+        """Where the slide is, as outputs and messages may show it (no credentials)."""
+        return self.target.shown
 
     def identity(self) -> dict:
         """What tells this slide's content apart from another's without reading it all: name,
-        size in bytes and modification time (a changed file invalidates earlier results)."""
-        st = self.path.stat()
-        return {"name": self.path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        size in bytes and modification time (files), total over the instances (DICOM folders),
+        size and ETag / Last-Modified (URLs). Never credentials: a URL's query is left out."""
+        t = self.target
+        if t.kind == "url":
+            return {"name": urls.redact(t.location).split("?", 1)[0].rsplit("/", 1)[-1],
+                    "url": t.shown, **t.facts}
+        path = Path(t.location)
+        if t.kind == "folder":
+            from wsiproto.slide.backends.dicom import dicom_files
+
+            stats = [f.stat() for f in dicom_files(path)]
+            return {"name": path.name, "files": len(stats),
+                    "bytes": sum(s.st_size for s in stats),
+                    "mtime_ns": max(s.st_mtime_ns for s in stats)}
+        st = path.stat()
+        return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     def clone(self) -> Slide:
         """A second, independent handle on the same slide with the same options (one per
-        reading thread)."""
-        return Slide(self.path, backend=self.backend, mpp=self.user_mpp, fill=self.fill)
+        reading thread). The slide was checked when this one opened: the clone only opens a
+        new reader of the same backend."""
+        other = object.__new__(Slide)
+        other.__dict__.update(self.__dict__)
+        other.properties = dict(self.properties)
+        other._lock = threading.Lock()
+        other._reader = other._open_with(get_backend(self.backend))
+        return other
 
     def __getstate__(self) -> dict:
-        return {
-            "path": str(self.path),
-            "backend": self.backend,
-            "mpp": self.user_mpp,
-            "fill": self.fill,
-        }
+        return {"path": str(self.path), "backend": self.backend, "mpp": self.user_mpp,
+                "fill": self.fill}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], backend=state["backend"], mpp=state["mpp"], fill=state["fill"])
 
     def __repr__(self) -> str:
-        return (
-            f"Slide({str(self.path)!r}, backend={self.backend!r}, size={self.size}, "
-            f"levels={self.level_count}, mpp={self.mpp})"
-        )
+        return (f"Slide({self.source!r}, backend={self.backend!r}, size={self.size}, "
+                f"levels={self.level_count}, mpp={self.mpp})")
 
     # -- metadata ------------------------------------------------------------------------------
-    def _prop(self, key: str) -> Any:
-        props = self._handle.properties
-        return props.get(f"{self.backend}.{key}")
-
-    def _read_metadata(self) -> None:
-        h = self._handle
-        self.properties: dict[str, str] = {
-            str(k): str(v) for k, v in h.properties.items() if v is not None
-        }
-        self.vendor: str | None = self._prop("vendor") or None
-        self.dimensions: tuple[int, int] = tuple(int(v) for v in h.dimensions)
-        self.level_count: int = int(h.level_count)
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
-            (int(w), int(hh)) for w, hh in h.level_dimensions
-        )
-        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in h.level_downsamples)
-        self.objective_power: float | None = _float_or_none(self._prop("objective-power"))
-        self.associated_image_names: tuple[str, ...] = tuple(sorted(h.associated_images.keys()))
-
-        bx, by, bw, bh = (self._prop(f"bounds-{k}") for k in ("x", "y", "width", "height"))
-        full_w, full_h = self.dimensions
-        x0 = int(bx) if bx not in (None, "") else 0
-        y0 = int(by) if by not in (None, "") else 0
-        w = int(bw) if bw not in (None, "") else full_w - x0
-        h_ = int(bh) if bh not in (None, "") else full_h - y0
-        self.bounds = Bounds(x0, y0, w, h_)
-
-        mx, my = _float_or_none(self._prop("mpp-x")), _float_or_none(self._prop("mpp-y"))
-        if mx and my:
-            native, source = (mx, my), "vendor"
-        elif (tags := _mpp_from_tiff_tags(self.path)) is not None:
-            native, source = tags, "tiff-resolution"
+    def _read_metadata(self, tiff_mpp: tuple[float, float] | None) -> None:
+        r = self._reader
+        self.properties: dict[str, str] = dict(r.properties)
+        self.vendor: str | None = r.vendor
+        self.dimensions: tuple[int, int] = tuple(r.dimensions)
+        self.level_count: int = len(r.level_dimensions)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(r.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(r.level_downsamples)
+        self.objective_power: float | None = r.objective_power
+        self.associated_image_names: tuple[str, ...] = tuple(r.associated_names)
+        self.bounds = Bounds(*(r.bounds or (0, 0, *self.dimensions)))
+        if r.mpp is not None:
+            native, source = r.mpp, "vendor"
+        elif tiff_mpp is not None:
+            native, source = tiff_mpp, "tiff-resolution"
         else:
             native, source = None, None
         self.native_mpp = None if native is None else (native[0] + native[1]) / 2
@@ -310,7 +290,7 @@ class Slide:
         if self.mpp is None:
             raise WsiprotoError(
                 "the slide has no pixel size (no mpp in its metadata or TIFF tags)",
-                path=self.path,
+                path=self.source,
                 hint="pass it with --mpp (e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x)",
             )
         return self.mpp
@@ -327,30 +307,59 @@ class Slide:
         return best
 
     def associated_image(self, name: str) -> np.ndarray:
+        """An associated image (label, macro, thumbnail ...) as RGB uint8; one clear line when
+        it is not there or cannot be decoded."""
         if name not in self.associated_image_names:
             raise WsiprotoError(
-                f"no associated image {name!r}",
-                path=self.path,
-                hint=f"available: {', '.join(self.associated_image_names) or 'none'}",
-            )
-        img = self._handle.associated_images[name]
-        return np.asarray(img.convert("RGB"))
+                f"no associated image {name!r}", path=self.source,
+                hint=f"available: {', '.join(self.associated_image_names) or 'none'}")
+        try:
+            with self._lock, library_log() as logged:
+                img = as_pil(self._reader.associated(name)).convert("RGB")
+                rgb = np.array(img)
+            if logged or rgb.size == 0:
+                raise ReadFailure(logged[0] if logged else "empty image")
+        except Exception as exc:
+            raise self._read_error(f"cannot decode its {name} image", exc) from exc
+        return rgb
+
+    def _read_error(self, what: str, exc: BaseException) -> WsiprotoError:
+        """The one line for a failed read: a network failure for URLs, else a damaged file."""
+        if isinstance(exc, WsiprotoError):  # already one line (a reopen that failed)
+            return exc
+        if self.target.kind == "url":
+            try:  # a decoder's complaint while the server is gone is the server's failure
+                urls.stat(self.target.location)
+            except WsiprotoError as gone:
+                return WsiprotoError(f"{what}: {gone.detail}", path=self.source, hint=gone.hint)
+            if not isinstance(exc, ReadFailure):
+                return urls.remote_error(exc, self.target.location, doing=what)
+        detail = " ".join(str(exc).split())
+        if self.target.kind == "url":
+            detail = urls.scrub(detail, self.target.location)
+        return WsiprotoError(
+            f"{what} ({type(exc).__name__}: {detail}): truncated or corrupt", path=self.source,
+            hint="re-copy it from its source (check its size and checksum)")
 
     # -- pixels --------------------------------------------------------------------------------
-    def _backend_read(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 of a region lying inside the level (level-0 location of the full frame),
-        transparent pixels composited over the fill value (all in PIL's C code)."""
+    def _backend_read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 of a region inside the level (level pixels of the full frame), transparent
+        pixels composited over the fill value (in PIL's C code). A read the decoder complained
+        about, or that came back short, is a :class:`ReadFailure`."""
         from PIL import Image
 
-        img = self._handle.read_region(loc0, level, size)
-        if not isinstance(img, Image.Image):
-            img = Image.fromarray(np.asarray(img))
-        if img.mode == "RGBA":
+        with library_log() as logged:
+            img = as_pil(self._reader.read(level, x, y, width, height))
+        if logged:
+            raise ReadFailure(logged[0])
+        if img.size != (width, height):
+            raise ReadFailure(f"the reader returned {img.size[0]}x{img.size[1]} px")
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            img = img.convert("RGBA")
             if img.getextrema()[3][0] < 255:
                 background = Image.new("RGBA", img.size, (*self.fill, 255))
                 img = Image.alpha_composite(background, img)
-            img = img.convert("RGB")
-        elif img.mode != "RGB":
+        if img.mode != "RGB":
             img = img.convert("RGB")
         return np.array(img)  # writeable (np.asarray of a PIL image is read-only)
 
@@ -368,9 +377,7 @@ class Slide:
             out = np.empty((height, width, 3), np.uint8)
             out[...] = self.fill
             return out
-        loc0 = (int(round(ix0 * ds)), int(round(iy0 * ds)))
-        size = (ix1 - ix0, iy1 - iy0)
-        rgb = self._read_with_retry(loc0, level, size)
+        rgb = self._read_with_retry(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         if (ix0, iy0, ix1, iy1) == (ax0, ay0, ax0 + width, ay0 + height):
             return rgb  # entirely inside the level: no padding
         out = np.empty((height, width, 3), np.uint8)
@@ -378,31 +385,30 @@ class Slide:
         out[iy0 - ay0 : iy1 - ay0, ix0 - ax0 : ix1 - ax0] = rgb
         return out
 
-    def _read_with_retry(self, loc0, level, size) -> np.ndarray:
+    def _read_with_retry(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Read once; on failure reopen the handle (OpenSlide errors latch) and read again.
         A second failure is reported with the region's coordinates, on a fresh handle."""
         for attempt in (0, 1):
             try:
                 with self._lock:
-                    if self._handle is None:
+                    if self._reader is None:
                         self._reopen()
-                    return self._backend_read(loc0, level, size)
+                    return self._backend_read(level, x, y, width, height)
             except Exception as exc:
-                log.debug("read failed on %s at %s level %d (attempt %d): %s",
-                          self.path, loc0, level, attempt + 1, exc)
+                log.debug("read failed on %s at level %d (%d, %d) (attempt %d): %s",
+                          self.source, level, x, y, attempt + 1, exc)
                 with self._lock:
                     try:
                         self._reopen()
                     except Exception:
-                        self._handle = None
+                        self._reader = None
                 if attempt == 0:
                     continue
-                raise WsiprotoError(
-                    f"cannot decode region at level-0 x={loc0[0]} y={loc0[1]} "
-                    f"size={size[0]}x{size[1]} level={level} ({type(exc).__name__}: {exc})",
-                    path=self.path,
-                    hint="the file is damaged or truncated; re-copy it from its source",
-                ) from exc
+                ds = self.level_downsamples[level]
+                verb = "read" if self.target.kind == "url" else "decode"
+                raise self._read_error(
+                    f"cannot {verb} region at level-0 x={round(x * ds)} y={round(y * ds)} "
+                    f"size={width}x{height} level={level}", exc) from exc
         raise AssertionError("unreachable")
 
     def read_region(
