@@ -68,6 +68,6 @@ QuPath:  open {slide}
          then File > Import objects > {geojson}
          (or drag the .geojson onto the open slide)
 napari:  napari --plugin napari-ome-zarr {zarr_path}
-         (pip install "napari[pyqt5]" napari-ome-zarr; the labels layer "tissue" opens
+         (pip install "napari[pyqt6]" napari-ome-zarr; the labels layer "tissue" opens
          hidden: tick its eye to see the classes)""")
     return 0
