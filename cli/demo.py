@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-EXAMPLE = "wsiproto demo --out demo          # sample slide -> OME-Zarr labels, GeoJSON, overlay"
+EXAMPLE = "wsiproto demo                     # sample slide -> OME-Zarr labels, GeoJSON, overlay"
 
 
 def register(sub) -> None:
@@ -12,7 +12,9 @@ def register(sub) -> None:
         sub, "demo",
         "fetch the sample slide (CMU-1-Small-Region) and segment it with the default model",
         EXAMPLE)
-    p.add_argument("--out", default="wsiproto-demo", help="output folder (default: wsiproto-demo)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: demo/ in the cache folder, beside the sample "
+                        "slide: $WSIPROTO_CACHE or ~/.cache/wsiproto)")
     p.add_argument("--model", default=None, help="another model folder (default: the bundled one)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--ngff-version", default="0.4", choices=("0.5", "0.4"),
@@ -28,7 +30,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from wsiproto.sample import sample_slide
+    from wsiproto.sample import cache_dir, sample_slide
     from wsiproto.segment import SegmentOptions, runtime, segment_slide
     from wsiproto.segment.predictor import load_predictor
 
@@ -37,10 +39,11 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     slide = sample_slide()
+    out = Path(args.out) if args.out else cache_dir() / "demo"
     with runtime() as rt:
         predictor = load_predictor(args.model, device=args.device)
         rt.freeze()
-        opts = SegmentOptions(out=Path(args.out), batch_size=predictor.default_batch_size,
+        opts = SegmentOptions(out=out, batch_size=predictor.default_batch_size,
                               ngff_version=args.ngff_version, overwrite=args.overwrite,
                               quiet=args.quiet)
         summary = segment_slide(slide, predictor, opts, echo=echo).summary
@@ -65,5 +68,6 @@ QuPath:  open {slide}
          then File > Import objects > {geojson}
          (or drag the .geojson onto the open slide)
 napari:  napari --plugin napari-ome-zarr {zarr_path}
-         (pip install napari napari-ome-zarr; the labels layer shows the classes)""")
+         (pip install "napari[pyqt6]" napari-ome-zarr; the labels layer "tissue" opens
+         hidden: tick its eye to see the classes)""")
     return 0

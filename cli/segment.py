@@ -54,8 +54,9 @@ def add_segment_options(p) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=2048,
                    help="output chunk side in label pixels, a multiple of 512 (default 2048)")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="chunks in flight (reading, cutting, blending); default: 1 with the "
-                        "model on a CPU, 2 on a GPU")
+                   help="chunks in inference at once; default: 1 with the model on a CPU, "
+                        "on a GPU enough to fill two batches (at least 2, at most half the "
+                        "cores)")
     from wsiproto.segment.options import DEFAULT_OUTPUTS
     from wsiproto.segment.sinks import available
 

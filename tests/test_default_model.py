@@ -69,3 +69,23 @@ def test_demo_segments_the_sample_slide(tmp_path, monkeypatch, capsys):
     before = (folder / "summary.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     assert (folder / "summary.json").stat().st_mtime_ns == before
+
+
+def test_demo_writes_under_the_cache_folder_by_default(tmp_path, monkeypatch, capsys):
+    """`make demo` leaves nothing in the checkout: without --out the results go beside the
+    cached sample slide."""
+    source = shared_file("slides", "CMU-1-Small-Region.svs")
+    if sha256_file(source) != SAMPLE_SHA256:
+        pytest.skip("the shared CMU-1-Small-Region.svs is not the sample slide's exact file")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(source, cache / "CMU-1-Small-Region.svs")
+    monkeypatch.setenv("WSIPROTO_CACHE", str(cache))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    assert main(["demo", "--quiet"]) == 0
+    assert list(checkout.iterdir()) == []
+    assert (cache / "demo" / "CMU-1-Small-Region" / "summary.json").is_file()
+    assert str(cache / "demo") in capsys.readouterr().out

@@ -208,3 +208,15 @@ def test_staging_buffers_are_reused_and_host_memory_stays_flat():
         runner.run(np.full((8, 64, 64, 3), 255, np.uint8))
         runner.run(np.full((2, 64, 64, 3), 7, np.uint8))
     assert pred.last_max.tolist() == [7, 7, 0, 0, 0, 0, 0, 0]
+
+
+def test_argmax_planes_ties_to_the_first_on_numpy_and_torch():
+    import torch
+
+    from wsiproto.segment.infer import argmax_planes
+
+    rng = np.random.default_rng(2)
+    acc = rng.integers(0, 3, (5, 64, 80)).astype(np.float32)  # many exact ties
+    ref = np.argmax(acc, axis=0).astype(np.uint8)
+    np.testing.assert_array_equal(argmax_planes(acc), ref)
+    np.testing.assert_array_equal(argmax_planes(torch.from_numpy(acc)).numpy(), ref)

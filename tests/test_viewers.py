@@ -4,7 +4,7 @@ image is the whole slide region.
 
 napari runs in its own process on an Xvfb display: ``Viewer(show=True)``, because an offscreen
 canvas rendered black. Skipped with the reason where Xvfb cannot start or napari is absent;
-CI installs both (``.ci/run``: xvfb, Mesa; the dev extra: napari, napari-ome-zarr, PyQt5).
+CI installs both (``.ci/run``: xvfb, Mesa; the dev extra: napari, napari-ome-zarr, PyQt6).
 """
 
 from __future__ import annotations

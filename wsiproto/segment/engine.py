@@ -164,11 +164,29 @@ def _areas(counts: np.ndarray, plan: Plan) -> Totals:
     return Totals(counts, tissue_px * px_mm2, area, pct)
 
 
-def default_workers(opts: SegmentOptions, on_gpu: bool) -> int:
-    """Chunks in inference at once: ``opts.workers``, else 1 with the model on a CPU (its
-    threads take every core; one chunk's tiles keep it busy, queued group by group while the
-    last group is blended) and 4 on a GPU (enough chunks' tiles to fill its batches)."""
-    return int(opts.workers) if opts.workers else (4 if on_gpu else 1)
+def default_workers(opts: SegmentOptions, on_gpu: bool, tiles_per_chunk: int,
+                    cores: int | None = None) -> int:
+    """Chunks in inference at once: ``opts.workers``, else from the device and the cores. With
+    the model on a CPU, 1: its threads take every core, and one chunk's tiles keep it busy
+    (queued group by group while the last group is blended). On a GPU, enough chunks that
+    their tiles fill two batches (each chunk holds a canvas there), at least 2 and at most
+    half the cores (each needs a host thread to cut and queue its tiles)."""
+    if opts.workers:
+        return int(opts.workers)
+    if not on_gpu:
+        return 1
+    cores = cores or os.cpu_count() or 2
+    need = -(-2 * opts.batch_size // max(1, tiles_per_chunk))
+    return max(2, min(need, cores // 2))
+
+
+def pool_threads(workers: int, readers: int, on_gpu: bool, cores: int | None = None) -> int:
+    """Threads of the chunk graph: the chunks in inference, the readers, and the exports
+    (writing, tracing): one beside a CPU model, the cores left over beside a GPU."""
+    if not on_gpu:
+        return workers + readers + 1
+    cores = cores or os.cpu_count() or 2
+    return workers + readers + max(2, cores - readers - 2)
 
 
 class _Run:
@@ -182,7 +200,8 @@ class _Run:
         self.runner = runner
         device = predictor_device(predictor)
         self.on_gpu = device.type == "cuda"
-        self.workers = default_workers(opts, self.on_gpu)
+        first = next(iter(plan.chunks))
+        self.workers = default_workers(opts, self.on_gpu, len(plan.grid.tiles_for(first)))
         self.readers = read_threads(slide.backend, self.on_gpu)
         self.infer_slots = threading.BoundedSemaphore(self.workers)
         grid = plan.grid
@@ -325,8 +344,7 @@ class _Run:
             self.echo(f"resuming: {kept} of {total} chunks already done")
         if self.own_runner:
             self.runner = BatchRunner(self.predictor, batch_size=self.opts.batch_size)
-        threads = self.workers + self.readers + (1 if not self.on_gpu else
-                                                 max(2, (os.cpu_count() or 4) - self.readers - 2))
+        threads = pool_threads(self.workers, self.readers, self.on_gpu)
         chunk_pool = ThreadPoolExecutor(threads, thread_name_prefix="wsiproto-chunk",
                                         initializer=lower_thread_priority)
         self.progress = _Progress(len(todo), self.opts.quiet, self.plan.name)
@@ -440,4 +458,4 @@ class _Progress:
             self._bar = None
 
 
-__all__ = ["default_workers", "segment_slide"]
+__all__ = ["default_workers", "pool_threads", "segment_slide"]

@@ -385,13 +385,46 @@ class ChunkCanvas:
         import torch
 
         covered = self.wsum > 0
-        labels = torch.argmax(self.acc, dim=0).to(torch.uint8).add_(1).mul_(covered)
+        if self.acc.device.type == "cpu":  # numpy on the same memory: 3-10x faster here
+            labels = argmax_planes(self.acc.numpy())
+            labels += np.uint8(1)
+            labels *= covered.numpy()
+        else:
+            labels = argmax_planes(self.acc).add_(1).mul_(covered).cpu().numpy()
         probs = None
         if probabilities:  # every channel, background included, as the store holds them
             p = self.acc / self.wsum.clamp_min(1e-12)
             p /= p.sum(0, keepdim=True).clamp_min(1e-12)
             probs = p.mul_(255).round_().mul_(covered).to(torch.uint8).cpu().numpy()
-        return labels.cpu().numpy(), probs
+        return labels, probs
+
+
+def argmax_planes(acc):
+    """The index of the largest of the planes of ``acc`` [C, h, w] as uint8 [h, w], ties to the
+    first (as argmax), one contiguous plane at a time (the reduction over the first axis is
+    several times slower): plane k wins where it beats the best so far and k grows, so the
+    index is a running maximum of ``k * (plane k wins)``, with no masked writes. Works on a
+    numpy array or a torch tensor (on its device)."""
+    if isinstance(acc, np.ndarray):
+        shape = acc.shape[1:]
+        best, wins = acc[0].copy(), np.empty(shape, bool)
+        idx, k_wins = np.zeros(shape, np.uint8), np.empty(shape, np.uint8)
+        for k in range(1, acc.shape[0]):
+            np.greater(acc[k], best, out=wins)
+            np.multiply(wins.view(np.uint8), np.uint8(k), out=k_wins)
+            np.maximum(idx, k_wins, out=idx)
+            np.maximum(best, acc[k], out=best)
+        return idx
+    import torch
+
+    best = acc[0].clone()
+    idx = torch.zeros(acc.shape[1:], dtype=torch.uint8, device=acc.device)
+    wins = torch.empty(acc.shape[1:], dtype=torch.bool, device=acc.device)
+    for k in range(1, acc.shape[0]):
+        torch.gt(acc[k], best, out=wins)
+        torch.maximum(idx, wins.view(torch.uint8) * k, out=idx)
+        torch.maximum(best, acc[k], out=best)
+    return idx
 
 
 def blend_chunk(runner: BatchRunner, canvas: ChunkCanvas, inp, group: int,
@@ -415,4 +448,4 @@ def blend_chunk(runner: BatchRunner, canvas: ChunkCanvas, inp, group: int,
 
 
 __all__ = ["BatchRunner", "CanvasPool", "ChunkCanvas", "Pending", "TilePredictor",
-           "blend_chunk", "predictor_device"]
+           "argmax_planes", "blend_chunk", "predictor_device"]

@@ -33,7 +33,7 @@ class SegmentOptions:
     roi_class: str | None = None  # only the ROI features of this classification
     overwrite: bool = False
     quiet: bool = False
-    # chunks in inference at once; None: 1 with the model on a CPU, 4 on a GPU (engine.py)
+    # chunks in inference at once; None: from the device and the cores (engine.default_workers)
     workers: int | None = None
     fail_after_chunks: int | None = field(default=None, repr=False)  # tests: simulate a crash
 

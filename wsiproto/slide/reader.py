@@ -467,6 +467,14 @@ class Slide:
         src = self.read_level(rx0, ry0, rx1 - rx0, ry1 - ry0, level)
         return resample_box(src, (lx0 - rx0, ly0 - ry0, lx1 - rx0, ly1 - ry0), (w, h), resample)
 
+    def to_dask(self, mpp: float | None = None, *, downsample: float | None = None,
+                chunk: int = 2048):
+        """The slide at ``mpp`` um/px (or ``downsample``) as a lazy dask array [h, w, 3] uint8
+        (see :mod:`wsiproto.slide.lazy`)."""
+        from wsiproto.slide.lazy import slide_to_dask
+
+        return slide_to_dask(self, mpp=mpp, downsample=downsample, chunk=chunk)
+
     def thumbnail(self, max_size: int = 1024, *, mpp: float | None = None) -> tuple[np.ndarray, float]:
         """An RGB thumbnail of the bounds-cropped frame and its downsample (level-0 px per px).
 

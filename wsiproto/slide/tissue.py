@@ -140,11 +140,11 @@ def _fine_tissue(rgb: np.ndarray, low: float, px_um: float, exclude_pen: bool) -
     dropped, with square filters (separable: fast on large images); bounded context."""
     from scipy import ndimage as ndi
 
-    a = rgb.astype(np.int16)
-    mx, mn = a.max(-1), a.min(-1)
+    planes = _planes(rgb)
+    mx, mn = planes[3], planes[4]
     cand = ((mx - mn) > low * np.maximum(mx, 1)) & (mn < 235)
     if exclude_pen:
-        cand &= ~pen_mask(rgb)
+        cand &= ~pen_mask(rgb, planes)
     x = cand.view(np.uint8)
     size = 2 * _close_radius(px_um) + 1
     x = ndi.minimum_filter(ndi.maximum_filter(x, size), size)  # closing
@@ -175,11 +175,16 @@ def _disk(radius: int) -> np.ndarray:
     return xx * xx + yy * yy <= r * r + r
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
+def _planes(rgb: np.ndarray):
+    """(r, g, b) as int16 planes and their max and min: channel by channel, which numpy does
+    several times faster than a reduction over the last axis of length 3."""
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    return r, g, b, np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+
+
+def pen_mask(rgb: np.ndarray, planes=None) -> np.ndarray:
     """Pixels of green, blue or red marker ink (or black ink) on an RGB uint8 image."""
-    a = rgb.astype(np.int16)
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    mx, mn = a.max(-1), a.min(-1)
+    r, g, b, mx, mn = planes if planes is not None else _planes(rgb)
     chroma = mx - mn
     green = (g > r + 10) & (g >= b - 10) & (chroma > 25)
     blue = (b > r + 30) & (b > g + 15) & (g > r + 10) & (chroma > 40)
