@@ -53,7 +53,7 @@ def dask_deployment(tmp_path):
 
 def test_cohort_on_a_scheduler_survives_a_worker_killed_mid_slide(dask_deployment, tmp_path):
     address, client = dask_deployment
-    paths = write_slides(tmp_path / "slides", ["s0.svs", "s1.svs", "s2.svs"], 2048, 1024)
+    paths = write_slides(tmp_path / "slides", ["s0.svs", "s1.svs", "s2.svs"], 1536, 1024)
     out = tmp_path / "out"
     with MidSlideKiller(client, out) as killer:
         proc = popen_wsiproto("cohort", str(tmp_path / "slides"), "--scheduler", address,

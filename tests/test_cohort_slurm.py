@@ -82,7 +82,7 @@ def job_processes(job: str) -> list[int]:
 
 def test_slurm_good_slides_and_a_corrupt_one(slurm, tmp_path):
     slides = tmp_path / "slides"
-    good = write_slides(slides, [f"case{i}.svs" for i in range(3)])
+    good = write_slides(slides, [f"case{i}.svs" for i in range(3)], 768, 512)
     truncated_copy(good[0], slides / "corrupt.svs")
     out = tmp_path / "out"
     proc = popen_wsiproto("cohort", str(slides), *slurm_args(out, "--slurm-jobs", "2",
@@ -100,7 +100,7 @@ def test_slurm_good_slides_and_a_corrupt_one(slurm, tmp_path):
 
 
 def test_slurm_job_cancelled_mid_slide_is_resumed_by_the_next_job(slurm, tmp_path):
-    (slide,) = write_slides(tmp_path / "slides", ["big.svs"], width=2560, height=2048)
+    (slide,) = write_slides(tmp_path / "slides", ["big.svs"], width=2048, height=1024)
     out = tmp_path / "out"
     proc = popen_wsiproto("cohort", str(slide), *slurm_args(out, "--slurm-jobs", "1",
                                                             "--slurm-walltime", "00:10:00"),
@@ -122,7 +122,7 @@ def test_slurm_job_cancelled_mid_slide_is_resumed_by_the_next_job(slurm, tmp_pat
 def test_slurm_walltime_too_short_for_a_slide_says_so(slurm, tmp_path):
     """The job's worker is paused mid-slide (SIGSTOP), so the 1-minute walltime ends the job
     with the slide unfinished, whatever the machine's speed."""
-    (slide,) = write_slides(tmp_path / "slides", ["long.svs"], width=2560, height=2048)
+    (slide,) = write_slides(tmp_path / "slides", ["long.svs"], width=1536, height=1024)
     out = tmp_path / "out"
     proc = popen_wsiproto("cohort", str(slide), *slurm_args(out, "--slurm-jobs", "1",
                                                             "--slurm-walltime", "00:01:00",
