@@ -372,6 +372,10 @@ class _Loop:
                                                          errors="skip")))
         for key, fut in futures.items():
             slide = self.slide_of.pop(key)
+            if key not in values and fut.status != "error":  # its result was lost with its
+                fut.release()  # worker before it could be read: again (it is complete now)
+                self.submit(slide)
+                continue
             res = values[key] if key in values else self.error_result(key, slide, fut)
             fut.release()
             if res["status"] == "failed" and not res.get("permanent") \

@@ -41,7 +41,7 @@ class WorkerSpec:
     system). ``gpus_per_host``: > 1 when several worker processes share a host with that many
     GPUs: each worker then takes GPU ``index % n`` where ``index`` is the number its name ends
     with. ``torch_threads``: intra-op threads for torch (None: the host's cores /
-    ``workers_per_host[host]``). ``standin``: benchmarks only -- a numpy stand-in for the model
+    ``workers_per_host[host]``). ``standin``: benchmarks only -- a cheap stand-in for the model
     (:class:`StandInPredictor`), so that the cohort machinery can be measured on thousands of
     slides without the model's cost; everything else runs as in a real cohort.
     """
