@@ -288,7 +288,7 @@ def _backbone_digest(model) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in model.backbone.clip.visual.state_dict().items():  # what the features depend on
+    for name, t in model.backbone.vision_state().items():  # what the features depend on
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         h.update(str(float(t.float().sum())).encode())
