@@ -178,6 +178,11 @@ class Backbone(nn.Module):
         token ids ``[N, L]`` give the layout (padding, end token)."""
         raise NotImplementedError
 
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features ``[N, embed_dim]`` by the towers' own text encoder (what
+        :meth:`encode_prompts` of the tokens' embeddings must reproduce)."""
+        raise NotImplementedError
+
 
 def square(size) -> tuple[int, int]:
     """``(h, w)`` of an int or a pair."""

@@ -117,11 +117,13 @@ def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None 
     after identifying it (one-line errors for files of another family or architecture)."""
     from wsiproto.model.weights import TowerShapeMismatch, identify, mismatch
 
+    family = config.family_class()
     found = identify(pretrained) if pretrained is not None else None
-    if found is not None and found.family != config.family:
-        raise mismatch(found, preset, config.label, presets_for(found))
+    if found is not None and (found.family != config.family
+                              or not family.fits(config.options, found)):
+        raise mismatch(found, preset, config.label, [p for p in presets_for(found) if p != preset])
     try:
-        backbone = config.family_class().build(config, found)
+        backbone = family.build(config, found)
     except TowerShapeMismatch as err:
         raise mismatch(found, preset, f"{config.label} ({err.detail})",
                        [p for p in presets_for(found) if p != preset]) from None

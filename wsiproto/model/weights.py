@@ -156,7 +156,7 @@ def sibling_config(path: Path, name: str) -> dict | None:
 
 def mismatch(found: Found, preset: str, builds: str, presets: list[str]) -> WsiprotoError:
     """The one-line error for weights of another family or architecture than the preset's."""
-    hint = (f"use --preset {' or '.join(presets)} for these weights" if presets
+    hint = (f"choose preset {' or '.join(presets)} for these weights" if presets
             else "no bundled preset builds these towers")
     return WsiprotoError(f"these weights are {found.label}, but preset {preset} builds {builds}",
                          path=found.path, hint=hint)

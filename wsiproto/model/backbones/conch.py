@@ -113,7 +113,7 @@ class ConchBackbone(Backbone):
         native = {k: v for k, v in state.items() if not k.startswith(_DECODER)}
         label = (f"CONCH (CoCa ViT-B/{patch}, {grid * patch}-px position grid, text "
                  f"{width} wide, vocabulary {vocab}"
-                 + (f", {dropped} unused decoder tensors ignored)" if dropped else ")"))
+                 + (f", its {dropped} decoder tensor(s) ignored)" if dropped else ")"))
         return Found(cls.family, label, native, path, {"grid": grid, "vocab": int(vocab)})
 
     @classmethod
@@ -203,6 +203,10 @@ class ConchBackbone(Backbone):
         x = x + text.positional_embedding[index].to(cast)
         x = text.transformer(x.permute(1, 0, 2), attn_mask=mask).permute(1, 0, 2)
         return text.ln_final(x[:, -1]) @ text.text_projection
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.coca.text.token_embedding.weight
+        return self.coca.encode_text(tokens.to(table.device), normalize=False)
 
 
 def _load_into(coca: nn.Module, found: Found) -> None:

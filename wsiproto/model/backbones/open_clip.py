@@ -221,6 +221,9 @@ class OpenClipBackbone(Backbone):
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return x
 
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens.to(self.clip.token_embedding.weight.device))
+
 
 # --- weights -----------------------------------------------------------------------------------
 def _load_into(clip: nn.Module, found: Found) -> None:
