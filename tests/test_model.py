@@ -73,7 +73,7 @@ def _check_shapes(model, batch):
 
 
 def test_tiny_shapes_every_level(tiny):
-    assert list_presets() == ["dualproto-tiny", "dualproto-vitb16"]
+    assert {"dualproto-tiny", "dualproto-vitb16"} <= set(list_presets())
     assert [lvl.head[0].out_channels for lvl in tiny.levels] == CHANNELS
     tiny.eval()
     with torch.inference_mode():
