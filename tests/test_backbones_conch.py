@@ -25,7 +25,7 @@ from conftest import shared_file  # noqa: E402
 from test_backbones import check_forward, check_round_trip, check_train_step  # noqa: E402
 from test_cli import wsiproto  # noqa: E402
 from wsiproto.errors import WsiprotoError  # noqa: E402
-from wsiproto.model import create_model, save_model  # noqa: E402
+from wsiproto.model import create_model, load_model, save_model  # noqa: E402
 
 SPOT = ("visual.trunk.blocks.5.attn.qkv.weight", "visual.trunk.patch_embed.proj.weight",
         "text.transformer.resblocks.11.mlp.c_fc.weight", "text.cls_emb", "text.text_projection",
@@ -102,6 +102,20 @@ def test_conch_forward_train_step_and_round_trip(model, tmp_path):
     folder = save_model(model, tmp_path / "full")  # float32: exact
     check_round_trip(model, folder)
     shutil.rmtree(folder)
+
+
+def test_conch_head_ships_without_conch_weights(model, checkpoint, tmp_path):
+    """CONCH's weights may not be redistributed: a model saved without its towers is small and
+    loads again with the user's own pytorch_model.bin."""
+    folder = save_model(model, tmp_path / "head", include_backbone=False)
+    assert (folder / "model.safetensors").stat().st_size < 60e6
+    with pytest.raises(WsiprotoError, match="saved without its backbone"):
+        load_model(folder)
+    loaded = load_model(folder, pretrained=checkpoint[0])
+    assert loaded.backbone.found == model.backbone.found
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval()(x).logits[-1], loaded(x).logits[-1], rtol=0, atol=0)
 
 
 def test_conch_tokenizer_is_the_shipped_byte_level_bpe(model):
