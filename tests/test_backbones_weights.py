@@ -187,3 +187,16 @@ def test_preset_and_file_mismatch_names_both(tiny_towers, tmp_path):
             create_model(preset, pretrained=tiny)
         _one_line(err, "tiny.pt", "these weights are open_clip ViT (patch 16, width 128",
                   f"preset {preset} builds {builds}", "choose preset dualproto-tiny")
+
+
+def test_shape_check_names_the_first_difference_and_allows_unused_heads():
+    from wsiproto.model.weights import TowerShapeMismatch, check_shapes
+
+    want = {"trunk.w": torch.zeros(2, 3), "head.q": torch.zeros(4)}
+    assert check_shapes({"trunk.w": torch.ones(2, 3)}, want, optional=("head.",)) == ["head.q"]
+    with pytest.raises(TowerShapeMismatch, match=r"trunk.w is \[3, 2\], the towers need \[2, 3\]"):
+        check_shapes({"trunk.w": torch.ones(3, 2), "head.q": torch.ones(4)}, want)
+    with pytest.raises(TowerShapeMismatch, match="the file has no head.q"):
+        check_shapes({"trunk.w": torch.ones(2, 3)}, want)
+    with pytest.raises(TowerShapeMismatch, match="1 tensors the towers lack"):
+        check_shapes({**want, "extra": torch.ones(1)}, want)

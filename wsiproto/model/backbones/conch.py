@@ -223,4 +223,5 @@ def _load_into(coca: nn.Module, found: Found) -> None:
         resize_pos_embed(state, coca)  # 448-px grid -> the forced input size, as the reference
     absent = check_shapes(state, coca.state_dict(), optional=_UNUSED)
     coca.load_state_dict(state, strict=not absent)
-    found.facts["absent"] = absent
+    if absent:
+        found.label += f"; {len(absent)} tensors of unused heads absent, kept at their init"
