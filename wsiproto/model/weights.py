@@ -29,7 +29,7 @@ import torch
 from wsiproto.errors import WsiprotoError
 
 _WRAPPERS = ("state_dict", "model")
-_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's dicts
 
 
 @dataclass
@@ -116,7 +116,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, without running any code from it."""
     path = weights_path(path)
     state = _unwrap(_load_raw(path), path)
-    markers = {k for k in _OPENAI_MARKERS if k in state}  # OpenAI's ints, kept as a hint
+    markers = {k for k in OPENAI_MARKERS if k in state}  # OpenAI's ints, kept as a hint
     others = [k for k, v in state.items() if not isinstance(v, torch.Tensor) and k not in markers]
     if others:
         raise WsiprotoError(f"not a tensor state dict ({others[0]!r} is a "

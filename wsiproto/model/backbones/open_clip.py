@@ -33,9 +33,7 @@ from torch import nn
 from wsiproto.errors import WsiprotoError
 from wsiproto.model.backbone import Backbone, BackboneConfig, square
 from wsiproto.model.backbones import register_family
-from wsiproto.model.weights import Found, check_shapes, sibling_config
-
-_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+from wsiproto.model.weights import OPENAI_MARKERS, Found, check_shapes, sibling_config
 
 
 @register_family
@@ -87,8 +85,8 @@ class OpenClipBackbone(Backbone):
             source, quick = "a Hugging Face CLIPModel state dict (PLIP format)", _hf_quick_gelu(path)
         elif {"visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
               "visual.transformer.resblocks.0.attn.in_proj_weight"} <= set(state):
-            native = {k: v for k, v in state.items() if k not in _OPENAI_MARKERS}
-            if any(k in state for k in _OPENAI_MARKERS):
+            native = {k: v for k, v in state.items() if k not in OPENAI_MARKERS}
+            if any(k in state for k in OPENAI_MARKERS):
                 source, quick = "OpenAI CLIP", True
             else:
                 source, quick = "open_clip", _open_clip_quick_gelu(path)
