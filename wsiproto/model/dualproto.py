@@ -115,7 +115,9 @@ class DualProtoConfig:
             self.thresholds = [0.5] * self.num_classes
         self.thresholds = [float(t) for t in self.thresholds]
         if len(self.thresholds) != self.num_classes:
-            raise WsiprotoError(f"{len(self.thresholds)} thresholds for {self.num_classes} classes")
+            raise WsiprotoError(
+                f"masks.thresholds holds {len(self.thresholds)} values for {self.num_classes} "
+                "classes", hint="give one presence threshold per class, or null for 0.5 each")
         if self.image_prototypes_per_class is not None and self.image_prototypes_per_class < 1:
             raise WsiprotoError("image_prototypes_per_class must be >= 1")
         self.classes.descriptions(self.descriptions_per_class)  # validates the count

@@ -319,7 +319,15 @@ def load_model(directory: str | os.PathLike, *, pretrained: str | os.PathLike | 
     if verify and "sha256" in info and sha256_file(weights) != info["sha256"]:
         raise WsiprotoError("weights file does not match the checksum in config.json (damaged or "
                             "replaced)", path=weights, hint="re-copy the model directory")
-    config = DualProtoConfig.from_dict(data)
+    try:
+        config = DualProtoConfig.from_dict(data)
+    except WsiprotoError as err:
+        if err.path is not None:
+            raise
+        raise WsiprotoError(f"invalid model configuration: {err.detail}",
+                            path=directory / "config.json",
+                            hint=err.hint or "re-copy the model folder, or save the model again "
+                                             "with save_model") from None
     includes_backbone = bool(info.get("includes_backbone", True))
     if not includes_backbone and pretrained is None:
         raise WsiprotoError("this model was saved without its backbone weights", path=directory,
