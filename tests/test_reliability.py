@@ -160,7 +160,7 @@ def test_help_says_the_defaults():
     seg = wsiproto("segment", "--help").stdout
     assert "default: the small demo model bundled" in " ".join(seg.split())
     train = " ".join(wsiproto("train", "--help").stdout.split())
-    assert "(default: dualproto-" in train
+    assert "default: dualproto-tiny" in train
 
 
 def test_uuid_ids_are_valid(slide, tmp_path):
