@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+
+from common import model_folder, work_folder
 
 
 def synthetic_tissue(width: int, height: int):
@@ -63,15 +63,8 @@ def run(args, rt) -> None:
     from wsiproto.segment.predictor import load_predictor
     from wsiproto.slide.synthetic import write_pyramidal_tiff
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="wsiproto-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model
-    if model_dir is None:
-        from wsiproto.model import create_model, save_model
-
-        model_dir = work / f"{args.preset}-random"
-        if not (model_dir / "config.json").exists():
-            save_model(create_model(args.preset), model_dir)
+    work = work_folder(args.workdir, "wsiproto-bench-")
+    model_dir = model_folder(args.model, args.preset, work)
     predictor = load_predictor(model_dir, device=args.device, precision=args.precision)
     rt.freeze()
 

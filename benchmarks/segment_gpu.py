@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
+
+from common import model_folder, work_folder
 
 
 def sync(device) -> None:
@@ -165,15 +164,8 @@ def run(args, rt) -> None:
     from wsiproto.segment.predictor import load_predictor
     from wsiproto.slide.synthetic import blob_layout, write_pyramidal_tiff
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="wsiproto-gpu-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model
-    if model_dir is None:
-        from wsiproto.model import create_model, save_model
-
-        model_dir = work / f"{args.preset}-random"
-        if not (model_dir / "config.json").exists():
-            save_model(create_model(args.preset), model_dir)
+    work = work_folder(args.workdir, "wsiproto-gpu-")
+    model_dir = model_folder(args.model, args.preset, work)
     predictor = load_predictor(model_dir, device=args.device, precision=args.precision)
     rt.freeze()
     dev = predictor.device

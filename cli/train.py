@@ -17,9 +17,12 @@ def register(sub) -> None:
                    help="dataset folder (BCSS-WSSS, LUAD-HistoSeg, WSSS4LUAD or patches + CSV)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, metrics)")
     p.add_argument("--preset", default="dualproto-tiny",
-                   help="model preset: dualproto-tiny (random towers; for tests and demos) or "
-                        "dualproto-vitb16 (default: dualproto-tiny)")
-    p.add_argument("--pretrained", default=None, help="local open_clip weights file of the tower")
+                   help="model preset: dualproto-tiny (random towers), dualproto-vitb16 "
+                        "(OpenAI CLIP, QuiltNet), dualproto-plip, dualproto-conch (the paper's; "
+                        "pip install 'wsiproto[conch]'); default: dualproto-tiny")
+    p.add_argument("--pretrained", default=None,
+                   help="local tower weights file (.safetensors, .bin, .pt); its family is "
+                        "identified from the tensors and must match the preset")
     p.add_argument("--unfreeze", action="store_true",
                    help="train the vision and text towers too (default: frozen, as the method)")
     p.add_argument("--kind", default="auto",

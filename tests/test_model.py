@@ -73,7 +73,7 @@ def _check_shapes(model, batch):
 
 
 def test_tiny_shapes_every_level(tiny):
-    assert list_presets() == ["dualproto-tiny", "dualproto-vitb16"]
+    assert {"dualproto-tiny", "dualproto-vitb16"} <= set(list_presets())
     assert [lvl.head[0].out_channels for lvl in tiny.levels] == CHANNELS
     tiny.eval()
     with torch.inference_mode():
@@ -329,9 +329,9 @@ def test_pretrained_file_is_local_and_safe(tmp_path):
 
     evil = tmp_path / "evil.bin"
     torch.save({"x": Evil()}, evil)
-    with pytest.raises(WsiprotoError, match="cannot load") as err:
+    with pytest.raises(WsiprotoError, match="refused without running it") as err:
         create_model("dualproto-tiny", pretrained=evil)
-    _one_line(err)
+    assert "system" in _one_line(err)
 
     # a tensors-only state dict of the right architecture loads
     source = create_model("dualproto-tiny", seed=5, descriptions_per_class=1)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +159,7 @@ def test_help_says_the_defaults():
     seg = wsiproto("segment", "--help").stdout
     assert "default: the small demo model bundled" in " ".join(seg.split())
     train = " ".join(wsiproto("train", "--help").stdout.split())
-    assert "(default: dualproto-" in train
+    assert "default: dualproto-tiny" in train
 
 
 def test_uuid_ids_are_valid(slide, tmp_path):
@@ -169,3 +168,17 @@ def test_uuid_ids_are_valid(slide, tmp_path):
     assert feats and all(uuid.UUID(f["id"]) for f in feats)
     assert len({f["id"] for f in feats}) == len(feats)
     shutil.rmtree(r.folder)
+
+
+def test_a_model_config_that_does_not_add_up_names_its_file(tmp_path):
+    from wsiproto.model import create_model, save_model
+
+    folder = tmp_path / "model"
+    save_model(create_model("dualproto-tiny"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["masks"]["thresholds"] = [0.5, 0.5, 0.5]  # 4 classes
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = wsiproto("segment", str(shared_file("slides", "CMU-1-Small-Region.svs")),
+                    "--model", str(folder), "--out", str(tmp_path / "out"), env=ENV)
+    assert_one_line_error(proc, str(folder / "config.json"), "3 values for 4 classes",
+                          "one presence threshold per class")

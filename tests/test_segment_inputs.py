@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import shared_file
 from slideservers import TOKEN, range_server
 from standins import ColourStandIn, layout
 from test_cli import assert_one_line_error, wsiproto

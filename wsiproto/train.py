@@ -288,7 +288,7 @@ def _backbone_digest(model) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in model.backbone.clip.visual.state_dict().items():  # what the features depend on
+    for name, t in model.backbone.vision_state().items():  # what the features depend on
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         h.update(str(float(t.float().sum())).encode())
@@ -541,7 +541,8 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
         raise WsiprotoError(f"--cache-views must be 1, 2, 4 or 8, got {opts.cache_views}")
     if opts.pretrained is not None and not Path(opts.pretrained).expanduser().is_file():
         raise WsiprotoError("pretrained weights file not found", path=opts.pretrained,
-                            hint="pass the local open_clip checkpoint of the preset's tower")
+                            hint="pass a local tower weights file of the preset's backbone "
+                                 "(e.g. CONCH's pytorch_model.bin for dualproto-conch)")
     hp = _resolved_hparams(opts)
     data_root = str(Path(opts.data).expanduser().resolve())
     settings = {**{k: getattr(opts, k) for k in TrainOptions.IDENTITY}, **hp, "data": data_root,
@@ -555,6 +556,8 @@ def train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
     torch.manual_seed(opts.seed)
     model = create_model(opts.preset, classes=train_set.table, pretrained=opts.pretrained,
                          unfreeze=opts.unfreeze, seed=opts.seed)
+    if model.backbone.found is not None:
+        echo(f"weights {Path(opts.pretrained).name}: {model.backbone.found}")
     if opts.cache_features and not model.backbone.frozen:
         raise WsiprotoError("--cache-features needs a frozen backbone", hint="drop --cache-features")
     log = RunLog(run / "log.jsonl")

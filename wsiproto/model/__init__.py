@@ -1,5 +1,5 @@
-"""DualProtoSeg in PyTorch: open_clip towers, CoOp text prototypes, image prototypes, a
-multi-scale pyramid and CAM-based masks.
+"""DualProtoSeg in PyTorch: vision-language towers from a backbone registry (open_clip, CONCH),
+CoOp text prototypes, image prototypes, a multi-scale pyramid and CAM-based masks.
 
 Public API::
 
@@ -7,6 +7,7 @@ Public API::
 
     model = create_model("dualproto-tiny", classes="bcss")          # random towers
     model = create_model("dualproto-vitb16", pretrained="quilt.safetensors")
+    model = create_model("dualproto-conch", pretrained="pytorch_model.bin")  # wsiproto[conch]
     out = model(images)            # images: normalised float [B, 3, 224, 224]
     out.logits                     # 4 x [B, C], coarse to fine
     out.cams                       # 4 x [B, C, h, w], h = 28, 56, 112, 224
@@ -14,7 +15,9 @@ Public API::
     save_model(model, "run/model"); model = load_model("run/model")
 """
 
-from wsiproto.model.backbone import BackboneConfig, ClipBackbone, evenly_spaced_blocks
+from wsiproto.model.backbone import Backbone, BackboneConfig, evenly_spaced_blocks
+from wsiproto.model.backbones import get_family, list_families
+from wsiproto.model.backbones.open_clip import OpenClipBackbone
 from wsiproto.model.dualproto import DualProtoConfig, DualProtoOutput, DualProtoSeg
 from wsiproto.model.factory import (
     build_config,
@@ -33,10 +36,15 @@ from wsiproto.model.masks import (
     predict_masks,
     presence,
 )
+from wsiproto.model.weights import identify
+
+ClipBackbone = OpenClipBackbone  # the name before backbone families existed
 
 __all__ = [
+    "Backbone",
     "BackboneConfig",
     "ClipBackbone",
+    "OpenClipBackbone",
     "DualProtoConfig",
     "DualProtoOutput",
     "DualProtoSeg",
@@ -46,6 +54,9 @@ __all__ = [
     "dense_crf",
     "evenly_spaced_blocks",
     "gate_maps",
+    "get_family",
+    "identify",
+    "list_families",
     "list_presets",
     "load_model",
     "load_preset",

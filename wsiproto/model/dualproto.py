@@ -2,7 +2,8 @@
 
 Data flow for images ``[B, 3, S, S]`` (``S`` = the tower's input size, 224 for the presets):
 
-1. The backbone gives the outputs of four ViT blocks as ``[B, width, S/16, S/16]`` grids.
+1. The backbone (any registered family) gives the outputs of four ViT blocks as
+   ``[B, width, S/p, S/p]`` grids (``p`` its patch size: 14x14 tokens for ViT-B/16 at 224 px).
 2. One shared refiner (1x1 conv to ``refiner_dim`` -> ``refiner_blocks`` residual 3x3 blocks ->
    L2 norm) turns each into a ``refiner_dim`` feature map.
 3. Pyramid level ``l`` (coarse to fine: strides 8, 4, 2, 1, i.e. 28, 56, 112, 224 px with 256,
@@ -43,7 +44,7 @@ from torch import nn
 
 from wsiproto.classes import ClassTable, get_class_table
 from wsiproto.errors import WsiprotoError
-from wsiproto.model.backbone import BackboneConfig, ClipBackbone
+from wsiproto.model.backbone import Backbone, BackboneConfig
 from wsiproto.model.prompts import PromptLearner
 
 BCSS_MEAN = (0.668, 0.478, 0.706)
@@ -114,7 +115,9 @@ class DualProtoConfig:
             self.thresholds = [0.5] * self.num_classes
         self.thresholds = [float(t) for t in self.thresholds]
         if len(self.thresholds) != self.num_classes:
-            raise WsiprotoError(f"{len(self.thresholds)} thresholds for {self.num_classes} classes")
+            raise WsiprotoError(
+                f"masks.thresholds holds {len(self.thresholds)} values for {self.num_classes} "
+                "classes", hint="give one presence threshold per class, or null for 0.5 each")
         if self.image_prototypes_per_class is not None and self.image_prototypes_per_class < 1:
             raise WsiprotoError("image_prototypes_per_class must be >= 1")
         self.classes.descriptions(self.descriptions_per_class)  # validates the count
@@ -231,7 +234,7 @@ class PyramidLevel(nn.Module):
 class DualProtoSeg(nn.Module):
     """The DualProtoSeg network. Build it with :func:`wsiproto.model.create_model`."""
 
-    def __init__(self, config: DualProtoConfig, backbone: ClipBackbone):
+    def __init__(self, config: DualProtoConfig, backbone: Backbone):
         super().__init__()
         self.config = config
         self.backbone = backbone

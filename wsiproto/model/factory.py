@@ -2,15 +2,14 @@
 
 Everything that touches files lives here; the model modules only see configs and tensors.
 
-* Presets are JSON files in ``presets/`` (``dualproto-tiny``, ``dualproto-vitb16``): an open_clip
-  architecture (by name, or a full config for towers open_clip does not list) plus head, data and
-  mask settings. ``create_model`` overlays the caller's switches on a preset.
-* Tower weights come only from a local file given as ``pretrained``: ``.safetensors`` is read
-  without pickle; ``.pt``/``.bin``/``.pth`` go through ``torch.load(weights_only=True)``, which
-  refuses anything but tensors and plain containers. Named towers are built by
-  ``open_clip.create_model(name, pretrained=<absolute path>)`` so that a path is never taken for
-  a download tag. OpenAI CLIP weights need ``quick_gelu=True``; OpenAI's TorchScript archives are
-  refused (they are code, not a state dict): use an open_clip state dict of the same weights.
+* Presets are JSON files in ``presets/`` (``dualproto-tiny``, ``dualproto-vitb16``,
+  ``dualproto-plip``, ``dualproto-conch``): a backbone family and its architecture plus head,
+  data and mask settings. ``create_model`` overlays the caller's switches on a preset.
+* Tower weights come only from a local file given as ``pretrained``, read without running code
+  (:mod:`wsiproto.model.weights`). The file's family and architecture are read from its tensor
+  names and shapes, never guessed from the preset: a file of another family or size than the
+  preset builds is a one-line error naming both (and the presets that fit the file); what was
+  found is kept as ``model.backbone.found`` and logged.
 * A checkpoint is a directory: ``model.safetensors`` (all persistent tensors; with
   ``include_backbone=False`` the towers are left out and must be passed again on load) and
   ``config.json`` (format, classes, colours, descriptions, backbone, mpp, tile size,
@@ -21,7 +20,6 @@ Everything that touches files lives here; the model modules only see configs and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -35,14 +33,16 @@ import torch
 from wsiproto.classes import get_class_table
 from wsiproto.errors import WsiprotoError
 from wsiproto.files import atomic_path, sha256_file, write_text_atomic
-from wsiproto.model.backbone import BackboneConfig, ClipBackbone
+from wsiproto.model.backbone import Backbone, BackboneConfig
 from wsiproto.model.dualproto import DualProtoConfig, DualProtoSeg
+from wsiproto.model.weights import first_line
 
 FORMAT = "wsiproto-dualproto"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-_BACKBONE_KEYS = ("open_clip_name", "open_clip_cfg", "quick_gelu", "blocks", "freeze")
+_BACKBONE_KEYS = ("blocks", "freeze")  # plus the family's own options
+log = logging.getLogger("wsiproto.model")
 
 
 # --- presets -----------------------------------------------------------------------------------
@@ -71,18 +71,19 @@ def build_config(preset: str = "dualproto-tiny", classes: Any = None,
 
     Overrides may name any model/data setting (``n_ctx``, ``prototypes``, ``pyramid``,
     ``descriptions_per_class``, ``mpp``, ...), ``mask_alpha``/``thresholds``, or a backbone
-    setting (``blocks``, ``quick_gelu``, ``freeze``).
+    setting (``blocks``, ``freeze``, or one of the family's options such as ``quick_gelu``).
     """
     raw = load_preset(preset)
     table = get_class_table(classes if classes is not None else raw.get("classes", "bcss"))
-    backbone = {k: v for k, v in raw["backbone"].items() if k in _BACKBONE_KEYS}
+    base = BackboneConfig.from_dict(raw["backbone"])
+    backbone, backbone_keys = base.to_dict(), _BACKBONE_KEYS + tuple(base.options)
     model = dict(raw.get("model", {}))
     data = dict(raw.get("data", {}))
     masks = dict(raw.get("masks", {}))
     for key, value in overrides.items():
         if value is None and key not in ("descriptions_per_class", "image_prototypes_per_class"):
             continue
-        if key in _BACKBONE_KEYS:
+        if key in backbone_keys:
             backbone[key] = value
         elif key in DualProtoConfig._MODEL_KEYS:
             model[key] = value
@@ -100,72 +101,35 @@ def build_config(preset: str = "dualproto-tiny", classes: Any = None,
 
 
 # --- towers ------------------------------------------------------------------------------------
-def _weights_path(pretrained: str | os.PathLike | None) -> str | None:
-    if pretrained is None:
-        return None
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise WsiprotoError("no such weights file", path=path,
-                            hint="give a local open_clip checkpoint (.safetensors, .bin, .pt); "
-                                 "nothing is downloaded")
-    return str(path.resolve())
+def presets_for(found) -> list[str]:
+    """The bundled presets whose towers fit an identified weights file."""
+    names = []
+    for name in list_presets():
+        config = BackboneConfig.from_dict(load_preset(name)["backbone"])
+        if config.family == found.family and config.family_class().fits(config.options, found):
+            names.append(name)
+    return names
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None = None, *,
+                   preset: str = "custom") -> Backbone:
+    """Towers of ``config``'s family: random, or from the local weights file ``pretrained``
+    after identifying it (one-line errors for files of another family or architecture)."""
+    from wsiproto.model.weights import TowerShapeMismatch, identify, mismatch
 
-
-@contextlib.contextmanager
-def _quiet_root_warnings():
-    """open_clip warns on the root logger when it builds a tower without weights; wsiproto
-    builds random towers on purpose (tests, benchmarks, the tiny preset)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    family = config.family_class()
+    found = identify(pretrained) if pretrained is not None else None
+    if found is not None and (found.family != config.family
+                              or not family.fits(config.options, found)):
+        raise mismatch(found, preset, config.label, [p for p in presets_for(found) if p != preset])
     try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def build_backbone(config: BackboneConfig, pretrained: str | os.PathLike | None = None) -> ClipBackbone:
-    """open_clip towers from the config, weights from the local file ``pretrained`` or random."""
-    import pickle
-
-    import open_clip
-    from safetensors import SafetensorError
-
-    path = _weights_path(pretrained)
-    try:
-        if config.open_clip_name is not None:
-            name = config.open_clip_name
-            if name not in open_clip.list_models():
-                raise WsiprotoError(f"open_clip has no architecture {name!r}")
-            quiet = _quiet_root_warnings() if path is None else contextlib.nullcontext()
-            with quiet:  # "No pretrained weights loaded": random towers were asked for
-                clip = open_clip.create_model(name, pretrained=path,
-                                              force_quick_gelu=config.quick_gelu, weights_only=True)
-            tokenizer = open_clip.get_tokenizer(name)
-        else:
-            cfg = json.loads(json.dumps(config.open_clip_cfg))
-            if "hf_tokenizer_name" in cfg.get("text_cfg", {}) or "hf_model_name" in cfg.get("text_cfg", {}):
-                raise WsiprotoError("custom backbones must use open_clip's built-in text tower")
-            clip = open_clip.CLIP(**cfg, quick_gelu=config.quick_gelu)
-            if path is not None:
-                open_clip.load_checkpoint(clip, path, strict=True, weights_only=True)
-            tokenizer = open_clip.SimpleTokenizer(
-                context_length=cfg.get("text_cfg", {}).get("context_length", 77))
-    except WsiprotoError:
-        raise
-    except (pickle.UnpicklingError, SafetensorError, RuntimeError, KeyError, ValueError, EOFError,
-            OSError) as err:
-        if path is None:
-            raise
-        raise WsiprotoError(f"cannot load {config.label} weights ({_first_line(err)})", path=path,
-                            hint="use a plain state dict (safetensors or a tensors-only .pt/.bin) "
-                                 "of this architecture; OpenAI weights also need quick_gelu") from None
-    backbone = ClipBackbone(clip, tokenizer, blocks=config.blocks, freeze=config.freeze)
+        backbone = family.build(config, found)
+    except TowerShapeMismatch as err:
+        raise mismatch(found, preset, f"{config.label} ({err.detail})",
+                       [p for p in presets_for(found) if p != preset]) from None
+    if found is not None:
+        backbone.found = found.label
+        log.info("%s: %s", found.path, found.label)
     return backbone
 
 
@@ -183,14 +147,14 @@ def build_model(config: DualProtoConfig, pretrained: str | os.PathLike | None = 
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        backbone = build_backbone(config.backbone, pretrained)
+        backbone = build_backbone(config.backbone, pretrained, preset=config.preset)
         if tuple(backbone.image_size) != (config.tile_size, config.tile_size):
             raise WsiprotoError(f"tile size {config.tile_size} does not match the vision tower's "
                                 f"input size {backbone.image_size}")
         try:
             return DualProtoSeg(config, backbone)
         except ValueError as err:
-            raise WsiprotoError(_first_line(err, 300)) from None
+            raise WsiprotoError(first_line(err, 300)) from None
 
 
 def create_model(preset: str = "dualproto-tiny", *, classes: Any = None,
@@ -201,7 +165,8 @@ def create_model(preset: str = "dualproto-tiny", *, classes: Any = None,
 
     ``classes``: a registered table name (``"bcss"``, ``"luad-histoseg"``, ``"wsss4luad"``), a
     :class:`~wsiproto.classes.ClassTable`, its dict, or a list of class names (default: the
-    preset's). ``pretrained``: a local tower weights file, else random towers. ``unfreeze``
+    preset's). ``pretrained``: a local tower weights file (its family and architecture must be
+    the preset's; ``model.backbone.found`` says what it was identified as), else random towers. ``unfreeze``
     trains the towers too. Other keywords override preset settings (see :func:`build_config`),
     e.g. ``prototypes="text"``, ``n_ctx=8``, ``descriptions_per_class=5``, ``pyramid=False``.
     """
@@ -252,35 +217,39 @@ def save_model(model: DualProtoSeg, directory: str | os.PathLike, *,
     return directory
 
 
-TOKEN_EMBEDDING = "backbone.clip.token_embedding.weight"
-ROWS_USED, ROWS_VALUES = TOKEN_EMBEDDING + ".rows_used", TOKEN_EMBEDDING + ".rows_values"
+ROWS_USED, ROWS_VALUES = ".rows_used", ".rows_values"
+
+
+def _token_table_key(backbone: Backbone) -> str:
+    return f"backbone.{backbone.token_table}"
 
 
 def _compact_token_embedding(model: DualProtoSeg, tensors: dict[str, torch.Tensor]) -> None:
     """Keep only the token-embedding rows the model's prompts use (exact: no other row ever
     reaches an output). The vocabulary table is most of a CLIP text tower (49408 x width), so
     this makes a tiny model about 4x and a ViT-B-16 one about 100 MB smaller."""
-    if TOKEN_EMBEDDING not in tensors:
+    key = _token_table_key(model.backbone)
+    if key not in tensors:
         return
     prompts = getattr(model, "prompts", None)
     used = (torch.unique(prompts.tokens.detach().cpu()) if prompts is not None
             else torch.zeros(0, dtype=torch.long))
-    table = tensors.pop(TOKEN_EMBEDDING)
-    tensors[ROWS_USED] = used.to(torch.int64).contiguous()
-    tensors[ROWS_VALUES] = table[used].contiguous()
+    table = tensors.pop(key)
+    tensors[key + ROWS_USED] = used.to(torch.int64).contiguous()
+    tensors[key + ROWS_VALUES] = table[used].contiguous()
 
 
 def _expand_token_embedding(tensors: dict[str, torch.Tensor],
-                            expected: Mapping[str, torch.Tensor]) -> None:
+                            expected: Mapping[str, torch.Tensor], key: str) -> None:
     """Inverse of :func:`_compact_token_embedding`; unused rows are zeros."""
-    if ROWS_USED not in tensors or TOKEN_EMBEDDING not in expected:
+    if key + ROWS_USED not in tensors or key not in expected:
         return
-    rows, values = tensors.pop(ROWS_USED), tensors.pop(ROWS_VALUES)
-    full = torch.zeros_like(expected[TOKEN_EMBEDDING], dtype=values.dtype)
+    rows, values = tensors.pop(key + ROWS_USED), tensors.pop(key + ROWS_VALUES)
+    full = torch.zeros_like(expected[key], dtype=values.dtype)
     if rows.numel() and (int(rows.max()) >= full.shape[0] or values.shape[1:] != full.shape[1:]):
         return  # left as is: the shape check reports the mismatch
     full[rows] = values
-    tensors[TOKEN_EMBEDDING] = full
+    tensors[key] = full
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -293,7 +262,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WsiprotoError(f"config is not valid JSON ({_first_line(err)})", path=path,
+        raise WsiprotoError(f"config is not valid JSON ({first_line(err)})", path=path,
                             hint="the file is damaged; re-copy the model directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise WsiprotoError(f"not a {FORMAT} config", path=path)
@@ -350,7 +319,15 @@ def load_model(directory: str | os.PathLike, *, pretrained: str | os.PathLike | 
     if verify and "sha256" in info and sha256_file(weights) != info["sha256"]:
         raise WsiprotoError("weights file does not match the checksum in config.json (damaged or "
                             "replaced)", path=weights, hint="re-copy the model directory")
-    config = DualProtoConfig.from_dict(data)
+    try:
+        config = DualProtoConfig.from_dict(data)
+    except WsiprotoError as err:
+        if err.path is not None:
+            raise
+        raise WsiprotoError(f"invalid model configuration: {err.detail}",
+                            path=directory / "config.json",
+                            hint=err.hint or "re-copy the model folder, or save the model again "
+                                             "with save_model") from None
     includes_backbone = bool(info.get("includes_backbone", True))
     if not includes_backbone and pretrained is None:
         raise WsiprotoError("this model was saved without its backbone weights", path=directory,
@@ -359,12 +336,12 @@ def load_model(directory: str | os.PathLike, *, pretrained: str | os.PathLike | 
     try:
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise WsiprotoError(f"not a readable safetensors file ({_first_line(err)})", path=weights,
+        raise WsiprotoError(f"not a readable safetensors file ({first_line(err)})", path=weights,
                             hint="the file is truncated or damaged; re-copy the model directory") from None
     model = build_model(config, pretrained if not includes_backbone else None)
     expected = {k: v for k, v in model.state_dict().items()
                 if includes_backbone or not k.startswith("backbone.")}
-    _expand_token_embedding(tensors, expected)
+    _expand_token_embedding(tensors, expected, _token_table_key(model.backbone))
     _check_tensors(weights, tensors, expected)
     model.load_state_dict(tensors, strict=includes_backbone)
     model = _place(model, device, dtype)

@@ -4,7 +4,10 @@ For class ``c`` and each of its descriptions ``d`` the prompt is
 ``[SOS] ctx_c,1 .. ctx_c,n [tokens of "d."] [EOT]``: the ``n_ctx`` context vectors of the class
 replace placeholder tokens in the token-embedding sequence, the frozen text tower encodes it, and
 a learnable ``Linear(embed_dim, proto_dim)`` plus L2 normalisation gives one text prototype per
-description. Gradients reach the context and the linear layer, never the tower.
+description. Gradients reach the context and the linear layer, never the tower. The learner
+uses only the :class:`~wsiproto.model.backbone.Backbone` interface (tokenize, token lengths,
+token embedding, encode prompts), so it works with every backbone family; the prompt text is
+the same for all ("X X ... X description."), and each placeholder must be one token.
 
 Initialisation (the paper says "from the embedding of 'a histopathology image of'"; the phrase is
 usually shorter than ``n_ctx``): the phrase's token embeddings fill the *last* context positions,
@@ -25,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsiproto.model.backbone import ClipBackbone
+from wsiproto.errors import WsiprotoError
+from wsiproto.model.backbone import Backbone
 
 PLACEHOLDER = "X"
 
 
 class PromptLearner(nn.Module):
-    def __init__(self, backbone: ClipBackbone, descriptions: list[list[str]], *, n_ctx: int = 16,
+    def __init__(self, backbone: Backbone, descriptions: list[list[str]], *, n_ctx: int = 16,
                  ctx_init: str = "a histopathology image of", noise_std: float = 0.01,
                  proto_dim: int = 512):
         super().__init__()
@@ -48,26 +52,14 @@ class PromptLearner(nn.Module):
                 prompts.append(" ".join([PLACEHOLDER] * n_ctx) + " " + text.rstrip(".") + ".")
                 owners.append(c)
         tokens = backbone.tokenize(prompts)
-        eot = backbone._pool_index(tokens)
-        if getattr(backbone.clip, "text_pool_type", "argmax") != "last" \
-                and int(eot.max()) >= tokens.shape[1] - 1:
-            longest = prompts[int(eot.argmax())].split(" ", n_ctx)[-1]
-            raise ValueError(f"description too long for the text context of "
-                             f"{tokens.shape[1]} tokens with n_ctx={n_ctx}: {longest!r}")
+        _check_layout(backbone, tokens, prompts, n_ctx)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("owner", torch.as_tensor(owners, dtype=torch.long), persistent=False)
-
-        width = backbone.text_width
-        with torch.no_grad():
-            ctx = torch.randn(self.num_classes, n_ctx, width) * 0.02
-            if ctx_init:
-                init_tokens = backbone.tokenize([ctx_init])[0]
-                length = int(backbone._pool_index(init_tokens[None])[0]) - 1  # words between SOS/EOT
-                init = backbone.token_embedding(init_tokens[1:1 + length].to(
-                    backbone.clip.token_embedding.weight.device)).float().cpu()
-                init = init[-n_ctx:]
-                ctx[:, n_ctx - init.shape[0]:] = init
-            ctx += torch.randn_like(ctx) * noise_std
+        ctx = torch.randn(self.num_classes, n_ctx, backbone.text_width) * 0.02
+        if ctx_init:
+            init = _phrase_embedding(backbone, ctx_init)[-n_ctx:]
+            ctx[:, n_ctx - init.shape[0]:] = init
+        ctx += torch.randn_like(ctx) * noise_std
         self.ctx = nn.Parameter(ctx)
         self.proj = nn.Linear(backbone.embed_dim, proto_dim)
         self._cache: tuple[tuple, torch.Tensor] | None = None
@@ -107,3 +99,24 @@ class PromptLearner(nn.Module):
         if cacheable:
             self._cache = (self._key(), protos)
         return protos
+
+
+def _check_layout(backbone: Backbone, tokens: torch.Tensor, prompts: list[str], n_ctx: int) -> None:
+    """Every prompt fits the context, and its ``n_ctx`` placeholders are ``n_ctx`` tokens."""
+    cut = backbone.truncated(tokens)
+    if bool(cut.any()):
+        longest = prompts[int(cut.nonzero()[0])].split(" ", n_ctx)[-1]
+        raise ValueError(f"description too long for the text context of "
+                         f"{tokens.shape[1]} tokens with n_ctx={n_ctx}: {longest!r}")
+    placeholder = backbone.tokenize([PLACEHOLDER])[0, 1]
+    if not bool((tokens[:, 1:1 + n_ctx] == placeholder).all()):
+        raise WsiprotoError(f"the {backbone.family} tokenizer does not make {n_ctx} placeholder "
+                            f"tokens of {n_ctx} {PLACEHOLDER!r}s; prompt learning needs one token each")
+
+
+@torch.no_grad()
+def _phrase_embedding(backbone: Backbone, phrase: str) -> torch.Tensor:
+    """Token embeddings ``[words, width]`` of ``phrase`` between its start and end tokens."""
+    tokens = backbone.tokenize([phrase])
+    words = int(backbone.token_lengths(tokens)[0]) - 2
+    return backbone.token_embedding(tokens[0, 1:1 + words]).float().cpu()

@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -107,25 +108,33 @@ def _run_locked(slide, predictor, opts, plan: Plan, folder: Path, runner, echo, 
     t0 = time.perf_counter()
     plan.add_tissue(detect_tissue(slide))
     timings = {"tissue_s": time.perf_counter() - t0}
-    resuming = _open_partial(partial, plan)
-    run = _Run(slide, predictor, opts, plan, partial, resuming, runner, echo)
-    try:
+    with _disk_errors(folder):
+        resuming = _open_partial(partial, plan)
+        run = _Run(slide, predictor, opts, plan, partial, resuming, runner, echo)
         summary = run.execute(timings)
-    except OSError as exc:
-        if exc.errno in DISK_ERRORS:
-            raise WsiprotoError(
-                f"cannot write the outputs: {exc.strerror} ({exc.filename or folder})",
-                path=folder, hint="free some space (or choose another --out) and rerun the same "
-                                  "command: finished chunks are kept") from exc
-        raise
-    summary["output_name"] = naming  # the slide's name, and the folder name it was given
-    _move_outputs(partial, folder, summary["outputs"]["files"])
-    summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    write_json_atomic(folder / "summary.json", summary)
+        summary["output_name"] = naming  # the slide's name, and the folder name it was given
+        _move_outputs(partial, folder, summary["outputs"]["files"])
+        summary["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        write_json_atomic(folder / "summary.json", summary)
     shutil.rmtree(partial, ignore_errors=True)
     chunks = summary["chunks"]
     return SegmentResult(summary, folder, chunks_resumed=chunks["resumed"],
                          chunks_run=chunks["run_now"], tiles_run=summary["tiles"]["run_now"])
+
+
+@contextmanager
+def _disk_errors(folder: Path):
+    """A full disk (or quota, or a read-only file system) is the user's to fix: one line
+    naming the folder, and the rerun resumes."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise WsiprotoError(
+            f"cannot write the outputs: {exc.strerror} ({exc.filename or folder})", path=folder,
+            hint="free some space (or choose another --out) and rerun the same command: "
+                 "finished chunks are kept") from exc
 
 
 def _open_partial(partial: Path, plan: Plan) -> bool:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,9 @@ class Plan:
     tissue_keys: set[str] = field(default_factory=set)
     roi: Any = None  # wsiproto.slide.roi.Roi: labels only inside it
 
-    @property
+    @cached_property
     def chunks(self) -> list[Chunk]:
+        """Every chunk of the grid, row by row."""
         return list(self.grid.chunks())
 
     @property
