@@ -358,3 +358,31 @@ def test_resume_redoes_a_chunk_whose_trace_was_lost(reference_run, layout_slide,
     assert summary["chunks"]["run_now"] == summary["chunks"]["visited"] - 1
     np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))
     assert features_without_ids(tmp_path) == features_without_ids(out)
+
+
+@pytest.mark.parametrize("moment", ["partial-without-config", "store-being-created",
+                                    "partial-being-made"])
+def test_a_run_killed_while_setting_up_resumes(reference_run, layout_slide, tmp_path, moment):
+    """A worker killed while a run creates its .partial folder or its OME-Zarr store leaves
+    a slide the next run finishes (it used to be refused as "another configuration", or to
+    fail on a store without its arrays)."""
+    out, _ = reference_run
+    path, _ = layout_slide
+    with pytest.raises(SimulatedCrash):
+        segment_slide(path, ColourStandIn(), options(tmp_path, fail_after_chunks=1, workers=1))
+    partial = tmp_path / "layout" / ".partial"
+    if moment == "partial-without-config":
+        (partial / "config.json").unlink()
+    elif moment == "store-being-created":
+        shutil.rmtree(partial / "layout.ome.zarr")
+        (partial / "layout.ome.zarr.new").mkdir()  # half made: no arrays
+        shutil.rmtree(partial / "done")
+        (partial / "done").mkdir()
+    else:
+        shutil.rmtree(partial)
+        (tmp_path / "layout" / f".partial.new-{12345}" / "done").mkdir(parents=True)
+    result = segment_slide(path, ColourStandIn(), options(tmp_path))
+    assert result.summary["chunks"]["run_now"] == result.summary["chunks"]["visited"]
+    np.testing.assert_array_equal(labels_of(tmp_path), labels_of(out))
+    assert {p.name for p in (tmp_path / "layout").iterdir()} == {
+        "layout.ome.zarr", "layout.geojson", "summary.json", "overlay.png"}

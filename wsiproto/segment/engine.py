@@ -147,10 +147,15 @@ def _open_partial(partial: Path, plan: Plan) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         same = False
     if not same:
+        # made whole beside it, then renamed: a run killed here leaves either no .partial or
+        # one with its config.json (never one that a rerun would take for another config's)
         shutil.rmtree(partial, ignore_errors=True)
-        (partial / "done").mkdir(parents=True)
-        write_json_atomic(partial / "config.json",
+        fresh = partial.with_name(f"{partial.name}.new-{os.getpid()}")
+        shutil.rmtree(fresh, ignore_errors=True)
+        (fresh / "done").mkdir(parents=True)
+        write_json_atomic(fresh / "config.json",
                           {"config_hash": plan.cfg_hash, "config": plan.config})
+        os.replace(fresh, partial)
     return same
 
 

@@ -209,6 +209,10 @@ def prepare_output(folder: Path, stem: str, cfg_hash: str, overwrite: bool) -> t
                 "holds results of a different configuration", path=folder,
                 hint="pass --overwrite to replace them, or choose another --out",
             )
+    for stale in folder.glob(f"{PARTIAL}.new-*"):  # a run killed while making its .partial
+        shutil.rmtree(stale, ignore_errors=True)
+    if partial.exists() and not (partial / "config.json").is_file():
+        shutil.rmtree(partial, ignore_errors=True)  # not a run's (see engine._open_partial)
     if partial.exists() and not overwrite:
         if _recorded_hash(partial / "config.json") != cfg_hash:
             raise WsiprotoError(

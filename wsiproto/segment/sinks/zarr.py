@@ -9,6 +9,7 @@ the model's resolution; chunks without tissue cost a read, never inference."""
 from __future__ import annotations
 
 import os
+import shutil
 
 from wsiproto.segment.sinks import ChunkOutput, Sink, SinkContext, Totals, register
 
@@ -26,11 +27,18 @@ class OmeZarrSink(Sink):
         if self.resumed:
             self.writer = SlidePyramidWriter.open(path)
         else:
-            self.writer = SlidePyramidWriter(
-                path, height=plan.grid.height, width=plan.grid.width, mpp=plan.model_mpp,
+            # created beside it and renamed: a run killed while creating the store's arrays
+            # leaves none, not a store a rerun cannot open
+            tmp = path.with_name(path.name + ".new")
+            SlidePyramidWriter(
+                tmp, height=plan.grid.height, width=plan.grid.width, mpp=plan.model_mpp,
                 classes=plan.classes, ngff_version=opts.ngff_version, chunk=opts.zarr_chunk,
                 probabilities=opts.probabilities, image=opts.image, name=plan.name,
                 overwrite=True)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            self.writer = SlidePyramidWriter.open(path)
         self.levels = self.writer.inline_levels(plan.grid.chunk)
 
     @property
