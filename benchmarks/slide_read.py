@@ -41,8 +41,8 @@ def main() -> None:
             def ours_read(x, y):
                 s.read_region((int(x), int(y)), (args.size, args.size), mpp=args.mpp)
 
-            def raw_read(x, y):
-                np.asarray(s._handle.read_region((int(x), int(y)), level, raw_size))
+            def raw_read(x, y):  # the registered reader itself (wsiproto.slide.backends)
+                np.asarray(s.reader.read(level, int(x / ds), int(y / ds), *raw_size))
 
             # Interleaved, with the order alternating, so both see the same tile-cache state.
             t_ours = t_raw = 0.0

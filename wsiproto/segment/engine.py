@@ -261,10 +261,11 @@ class _Run:
             rgb = np.ascontiguousarray(inp.chunk_rgb())
         if not inp.positions:
             return ChunkOutput(chunk, None, rgb)
-        with self.infer_slots:
+        with _Slot(self.infer_slots) as slot:
             with self.canvases.canvas(chunk.y0, chunk.x0, chunk.height, chunk.width) as canvas:
                 t0 = time.thread_time()
-                n = blend_chunk(self.runner, canvas, inp, group=max(self.runner.batch_size, 16))
+                n = blend_chunk(self.runner, canvas, inp, group=max(self.runner.batch_size, 16),
+                                submitted=slot.release)
                 t1 = time.thread_time()
                 labels, probs = canvas.labels(self.opts.probabilities)
         labels *= inp.inside
@@ -438,6 +439,28 @@ class _Run:
             "outputs": {"folder": str(self.partial.parent), **outputs},
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
+
+
+class _Slot:
+    """A semaphore's slot held from ``with`` until the first of :meth:`release` or the block's
+    end: a chunk gives its inference slot back once its last tiles are queued, so the next
+    chunk's tiles fill the model's batches while this one blends its last scores."""
+
+    def __init__(self, semaphore: threading.Semaphore):
+        self._sem, self._held = semaphore, False
+
+    def __enter__(self) -> _Slot:
+        self._sem.acquire()
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._sem.release()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _timed(fn, *args):

@@ -428,20 +428,26 @@ def argmax_planes(acc):
 
 
 def blend_chunk(runner: BatchRunner, canvas: ChunkCanvas, inp, group: int,
-                in_flight: int = 2) -> int:
+                in_flight: int = 2, submitted=None) -> int:
     """Run a chunk's tiles through ``runner`` group by group and blend them into ``canvas``;
     the next groups are queued before the last one is blended, so the model always has this
-    chunk's work. The scores of a whole chunk never exist at once. Returns the tile count."""
+    chunk's work. The scores of a whole chunk never exist at once. ``submitted()`` is called
+    once the last group is queued (the next chunk may then queue its tiles, which fill the
+    batch this chunk's last group leaves short). Returns the tile count."""
     t = runner.predictor.tile_size
     groups = [inp.positions[g : g + group] for g in range(0, len(inp.positions), group)]
     queued = deque((g, runner.submit(inp.tiles(g, t))) for g in groups[:in_flight])
     nxt = len(queued)
+    if nxt == len(groups) and submitted is not None:
+        submitted()
     while queued:
         positions, pending = queued.popleft()
         scores = pending.result()
         if nxt < len(groups):
             queued.append((groups[nxt], runner.submit(inp.tiles(groups[nxt], t))))
             nxt += 1
+            if nxt == len(groups) and submitted is not None:
+                submitted()
         canvas.add(scores, positions)
         del scores
     return len(inp.positions)

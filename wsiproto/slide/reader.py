@@ -206,6 +206,12 @@ class Slide:
         self.close()
 
     @property
+    def reader(self):
+        """The registered reader this slide has open (:mod:`wsiproto.slide.backends`): what
+        ``Slide`` reads through, for benchmarks and debugging."""
+        return self._reader
+
+    @property
     def source(self) -> str:
         """Where the slide is, as outputs and messages may show it (no credentials)."""
         return self.target.shown
