@@ -220,3 +220,26 @@ def test_argmax_planes_ties_to_the_first_on_numpy_and_torch():
     ref = np.argmax(acc, axis=0).astype(np.uint8)
     np.testing.assert_array_equal(argmax_planes(acc), ref)
     np.testing.assert_array_equal(argmax_planes(torch.from_numpy(acc)).numpy(), ref)
+
+
+def test_canvas_pool_holds_at_most_its_limit_and_the_next_chunk_waits():
+    """A chunk asking for a canvas beyond the pool's limit waits until a blend gives one back
+    (memory bounded by the chunks in inference, not by how far the blending threads lag)."""
+    import torch
+
+    pool = CanvasPool(torch.device("cpu"), 3, 64, 16, 4, limit=2)
+    first, second = pool.canvas(0, 0, 64, 64), pool.canvas(0, 64, 64, 64)
+    got = threading.Event()
+
+    def third():
+        with pool.canvas(64, 0, 64, 64):
+            got.set()
+
+    t = threading.Thread(target=third)
+    t.start()
+    assert not got.wait(0.3)  # blocked while two canvases are out
+    first.__exit__(None, None, None)
+    assert got.wait(5)
+    t.join()
+    second.__exit__(None, None, None)
+    assert pool.allocations == 2  # the third chunk reused the first one's buffers

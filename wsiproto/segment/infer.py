@@ -297,10 +297,14 @@ class BatchRunner:
 
 class CanvasPool:
     """Accumulator buffers on one device, reused from chunk to chunk (a fresh 80 MB buffer per
-    chunk costs page faults on every first write, more than clearing a used one). At most as
-    many exist as chunks are blended at once."""
+    chunk costs page faults on every first write, more than clearing a used one). At most
+    ``limit`` exist: a chunk that asks for one more waits until a blend ends (on a CPU, the
+    blending threads run at the lowest priority beside the model and can fall behind it; each
+    canvas is ~100 MB at the default chunk size, and the scores waiting for a blend 32 MB a
+    batch of 32)."""
 
-    def __init__(self, device, channels: int, size: int, tile: int, overlap: int):
+    def __init__(self, device, channels: int, size: int, tile: int, overlap: int,
+                 limit: int = 2):
         import torch
 
         self.device, self.channels, self.size = device, channels, size
@@ -308,9 +312,18 @@ class CanvasPool:
         self.tile, self.overlap = tile, overlap
         self._free: list = []
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(limit)
         self.allocations = 0
 
     def canvas(self, y0: int, x0: int, height: int, width: int) -> ChunkCanvas:
+        self._slots.acquire()
+        try:
+            return self._canvas(y0, x0, height, width)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _canvas(self, y0: int, x0: int, height: int, width: int) -> ChunkCanvas:
         import torch
 
         with self._lock:
@@ -326,6 +339,7 @@ class CanvasPool:
     def give_back(self, bufs) -> None:
         with self._lock:
             self._free.append(bufs)
+        self._slots.release()
 
 
 class ChunkCanvas:
@@ -427,31 +441,43 @@ def argmax_planes(acc):
     return idx
 
 
-def blend_chunk(runner: BatchRunner, canvas: ChunkCanvas, inp, group: int,
-                in_flight: int = 2, submitted=None) -> int:
-    """Run a chunk's tiles through ``runner`` group by group and blend them into ``canvas``;
-    the next groups are queued before the last one is blended, so the model always has this
-    chunk's work. The scores of a whole chunk never exist at once. ``submitted()`` is called
-    once the last group is queued (the next chunk may then queue its tiles, which fill the
-    batch this chunk's last group leaves short). Returns the tile count."""
+def infer_chunk(runner: BatchRunner, canvases: CanvasPool, inp, group: int,
+                probabilities: bool = False, in_flight: int = 2, submitted=None, clock=None):
+    """A chunk's uint8 labels (and probabilities when asked; see :meth:`ChunkCanvas.labels`):
+    its tiles run through ``runner`` group by group and are blended on a canvas from
+    ``canvases`` as they come out. The first groups are queued before a canvas is taken (the
+    model computes them while an earlier chunk still blends its last scores on the canvas it
+    holds), the next ones before the last one is blended, so the model always has work. The
+    scores of a whole chunk never exist at once. ``submitted()`` is called once the last
+    group is queued (the next chunk may then queue its tiles, which fill the batch this
+    chunk's last group leaves short); ``clock(name, seconds)`` gets the thread time spent
+    blending (``blend_s``) and taking the argmax (``labels_s``)."""
     t = runner.predictor.tile_size
     groups = [inp.positions[g : g + group] for g in range(0, len(inp.positions), group)]
     queued = deque((g, runner.submit(inp.tiles(g, t))) for g in groups[:in_flight])
     nxt = len(queued)
     if nxt == len(groups) and submitted is not None:
         submitted()
-    while queued:
-        positions, pending = queued.popleft()
-        scores = pending.result()
-        if nxt < len(groups):
-            queued.append((groups[nxt], runner.submit(inp.tiles(groups[nxt], t))))
-            nxt += 1
-            if nxt == len(groups) and submitted is not None:
-                submitted()
-        canvas.add(scores, positions)
-        del scores
-    return len(inp.positions)
+    c = inp.chunk
+    with canvases.canvas(c.y0, c.x0, c.height, c.width) as canvas:
+        t0 = time.thread_time()
+        while queued:
+            positions, pending = queued.popleft()
+            scores = pending.result()
+            if nxt < len(groups):
+                queued.append((groups[nxt], runner.submit(inp.tiles(groups[nxt], t))))
+                nxt += 1
+                if nxt == len(groups) and submitted is not None:
+                    submitted()
+            canvas.add(scores, positions)
+            del scores
+        t1 = time.thread_time()
+        labels, probs = canvas.labels(probabilities)
+    if clock is not None:
+        clock("blend_s", t1 - t0)
+        clock("labels_s", time.thread_time() - t1)
+    return labels, probs
 
 
 __all__ = ["BatchRunner", "CanvasPool", "ChunkCanvas", "Pending", "TilePredictor",
-           "argmax_planes", "blend_chunk", "predictor_device"]
+           "argmax_planes", "infer_chunk", "predictor_device"]
