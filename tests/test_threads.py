@@ -58,3 +58,20 @@ def test_limit_malloc_arenas_respects_the_users_setting(monkeypatch):
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     assert threads.limit_malloc_arenas() is glibc
     assert threads.limit_malloc_arenas() is glibc  # once per process: the second call is a no-op
+
+
+def test_runtime_trims_the_heap_only_while_it_is_entered():
+    """runtime() runs its heap trimmer thread at the lowest priority while entered, and leaves
+    no thread behind; the process's switch interval and GC state come back."""
+    import gc
+
+    from wsiproto.segment.threads import HeapTrimmer, runtime
+
+    interval = sys.getswitchinterval()
+    before = {t.name for t in threading.enumerate()}
+    with runtime():
+        names = {t.name for t in threading.enumerate()} - before
+        if HeapTrimmer()._trim is not None:
+            assert names == {"wsiproto-trim"}
+    assert {t.name for t in threading.enumerate()} == before
+    assert sys.getswitchinterval() == interval and gc.get_freeze_count() == 0
