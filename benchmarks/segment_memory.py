@@ -83,7 +83,7 @@ def main() -> None:
         # thread during the run, and what was left after the model
         print(f"{size:>6} px^2: peak RSS {r['peak_rss_mb']:7.0f} MB  wall {r['wall_s']:6.1f} s  "
               f"tiles {r['tiles']:6d}  GeoJSON {r['features']} features ({r['geojson_mb']:.1f} "
-              f"MB): trace {t.get('chunk_trace_s', 0):.1f} s cpu, stitch+write "
+              f"MB): trace {t.get('chunk_geojson_s', 0):.1f} s cpu, stitch+write "
               f"{t.get('geojson_busy_s', t['geojson_s']):.1f} s, after model "
               f"{t['geojson_s']:.1f} s", flush=True)
     small, large = min(peaks), max(peaks)
