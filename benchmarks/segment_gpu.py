@@ -193,9 +193,9 @@ def run(args, rt) -> None:
             print(f"decode             {rate:9.1f} tiles/s  ({threads} reading threads)")
         res = end_to_end(slide, predictor, opts)
         first = first or res
+        gpu = "n/a (no GPU)" if res["gpu_mb"] != res["gpu_mb"] else f"{res['gpu_mb']:.0f} MB"
         print(f"end to end {size:>6}^2 {res['rate']:9.1f} tiles/s  ({res['tiles']} tiles in "
-              f"{res['wall_s']:.1f} s; peak GPU {res['gpu_mb']:.0f} MB, peak RSS "
-              f"{res['rss_mb']:.0f} MB)")
+              f"{res['wall_s']:.1f} s; peak GPU {gpu}, peak RSS {res['rss_mb']:.0f} MB)")
         print(f"  stages: {res['timings']}")
     print(f"gpu_efficiency={first['rate'] / fwd:.3f}")
 
