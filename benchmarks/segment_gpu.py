@@ -28,8 +28,7 @@ import threading
 import time
 
 import numpy as np
-
-from common import model_folder, work_folder
+from common import model_folder, synthetic_slide, work_folder
 
 
 def sync(device) -> None:
@@ -162,7 +161,6 @@ def run(args, rt) -> None:
 
     from wsiproto.segment import SegmentOptions
     from wsiproto.segment.predictor import load_predictor
-    from wsiproto.slide.synthetic import blob_layout, write_pyramidal_tiff
 
     work = work_folder(args.workdir, "wsiproto-gpu-")
     model_dir = model_folder(args.model, args.preset, work)
@@ -180,12 +178,7 @@ def run(args, rt) -> None:
 
     first = None
     for size in args.sizes:
-        slide = work / f"synthetic-{size}.svs"
-        if not slide.exists():
-            t0 = time.perf_counter()
-            write_pyramidal_tiff(slide, size, size, blob_layout(size, size, seed=7),
-                                 mpp=predictor.mpp, levels=4)
-            print(f"wrote {slide.name} in {time.perf_counter() - t0:.0f} s")
+        slide = synthetic_slide(work, size, mpp=predictor.mpp, levels=4, seed=7)
         opts = SegmentOptions(out=work / "out", batch_size=args.batch_size, quiet=True,
                               overwrite=True, workers=args.workers)
         if first is None:

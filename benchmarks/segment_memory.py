@@ -16,9 +16,8 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+from common import model_folder, synthetic_slide, work_folder
 
 CHILD = r"""
 import json, resource, sys, time
@@ -50,27 +49,12 @@ def main() -> None:
     ap.add_argument("--gzip", action="store_true")
     args = ap.parse_args()
 
-    from wsiproto.slide.synthetic import blob_layout, write_pyramidal_tiff
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="wsiproto-mem-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        from wsiproto.model import create_model, save_model
-
-        model = work / "dualproto-tiny-random"
-        if not (model / "config.json").exists():
-            save_model(create_model("dualproto-tiny"), model)
+    work = work_folder(args.workdir, "wsiproto-mem-")
+    model = model_folder(args.model, "dualproto-tiny", work)
 
     peaks = {}
     for size in args.sizes:
-        slide = work / f"synthetic-{size}.svs"
-        if not slide.exists():
-            t0 = time.perf_counter()
-            write_pyramidal_tiff(slide, size, size, blob_layout(size, size, seed=3),
-                                 mpp=args.mpp, levels=3)
-            print(f"wrote {slide.name} ({slide.stat().st_size / 1e6:.0f} MB) in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        slide = synthetic_slide(work, size, mpp=args.mpp, levels=3, seed=3)
         proc = subprocess.run([sys.executable, "-c", CHILD, str(slide), str(model),
                                str(work / "out"), "1" if args.gzip else "0"],
                               capture_output=True, text=True)
