@@ -25,6 +25,7 @@ with the same configuration resumes from the chunks marked done.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -99,8 +100,6 @@ def _run_locked(slide, predictor, opts, plan: Plan, folder: Path, runner, echo, 
     t_start = time.perf_counter()
     complete, partial = prepare_output(folder, plan.name, plan.cfg_hash, opts.overwrite)
     if complete:
-        import json
-
         echo(f"{folder}: already complete for this configuration (hash {plan.cfg_hash}); "
              "nothing to do (--overwrite to redo)")
         return SegmentResult(json.loads((folder / "summary.json").read_text()), folder,
@@ -140,8 +139,6 @@ def _disk_errors(folder: Path):
 def _open_partial(partial: Path, plan: Plan) -> bool:
     """Resume (True) when ``.partial`` holds a run of this configuration, else start it
     afresh (prepare_output has refused a different configuration without --overwrite)."""
-    import json
-
     try:
         same = json.loads((partial / "config.json").read_text())["config_hash"] == plan.cfg_hash
     except (OSError, ValueError, KeyError, TypeError):

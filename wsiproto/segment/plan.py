@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -176,8 +177,6 @@ def scan_done(partial: Path, chunks: list[Chunk]) -> dict[str, np.ndarray]:
 
 def mark_done(partial: Path, chunk: Chunk, counts: np.ndarray) -> None:
     """The chunk's done marker: its label histogram, written atomically."""
-    import os
-
     marker = partial / "done" / f"{chunk.key}.npy"
     tmp = marker.with_name(marker.name + ".tmp")
     with open(tmp, "wb") as fh:

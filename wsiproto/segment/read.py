@@ -91,14 +91,12 @@ class SlidePool:
             s.close()
 
 
-def region_box(chunk: Chunk, positions, tile: int, margin: int | None
-               ) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1) in label px: the tiles' bounding box, and the chunk's own rectangle
-    grown by ``margin`` when its pixels are needed too (``None``: they are not)."""
+def region_box(chunk: Chunk, positions, tile: int, margin: int) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) in label px: the tiles' bounding box and the chunk's own rectangle
+    grown by ``margin``."""
     boxes = [(ty, tx, ty + tile, tx + tile) for ty, tx in positions]
-    if margin is not None:
-        boxes.append((chunk.y0 - margin, chunk.x0 - margin, chunk.y0 + chunk.height + margin,
-                      chunk.x0 + chunk.width + margin))
+    boxes.append((chunk.y0 - margin, chunk.x0 - margin, chunk.y0 + chunk.height + margin,
+                  chunk.x0 + chunk.width + margin))
     return (min(b[0] for b in boxes), min(b[1] for b in boxes),
             max(b[2] for b in boxes), max(b[3] for b in boxes))
 
