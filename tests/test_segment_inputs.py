@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -189,10 +190,14 @@ def test_a_second_run_into_the_same_folder_is_refused_in_one_line(layout_slide, 
     while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert first.poll() is None, "the first run ended before the second could start"
-    for extra in ((), ("--overwrite",)):
-        second = wsiproto("segment", str(layout_slide), "--out", str(out), "--quiet",
-                          "--chunk-size", "512", *extra)
-        assert_one_line_error(second, "another wsiproto run", f"pid {first.pid}")
+    os.kill(first.pid, signal.SIGSTOP)  # held mid-run, lock and all, however fast it is
+    try:
+        for extra in ((), ("--overwrite",)):
+            second = wsiproto("segment", str(layout_slide), "--out", str(out), "--quiet",
+                              "--chunk-size", "512", *extra)
+            assert_one_line_error(second, "another wsiproto run", f"pid {first.pid}")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(300) == 0, first.stderr.read()
     assert (out / "layout" / "summary.json").exists() and not lock.exists()
     again = wsiproto("segment", str(layout_slide), "--out", str(out), "--quiet",

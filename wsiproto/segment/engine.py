@@ -193,11 +193,12 @@ def default_workers(opts: SegmentOptions, on_gpu: bool, tiles_per_chunk: int,
 
 def pool_threads(workers: int, readers: int, on_gpu: bool, cores: int | None = None) -> int:
     """Threads of the chunk graph: the chunks in inference, the readers, and the exports
-    (writing, tracing). Beside a CPU model the exports share the readers' threads (a thread
-    of their own ran no faster and held another chunk's buffers: peak RSS 2.4 vs 2.2 GB on
-    a 20k^2 slide, benchmarks/segment_memory.py); beside a GPU they get the cores left over."""
+    (writing, tracing): one beside a CPU model, the cores left over beside a GPU. The export
+    thread is what writes a finished chunk while the next ones are read, so that a read that
+    fails (a server gone) leaves the chunks inferred before it done and kept (without it,
+    tests/test_segment_inputs.py's dying server often found none finished)."""
     if not on_gpu:
-        return workers + readers
+        return workers + readers + 1
     cores = cores or os.cpu_count() or 2
     return workers + readers + max(2, cores - readers - 2)
 
